@@ -1,0 +1,84 @@
+"""One exception root for everything setsuna raises.
+
+Callers catch :class:`SetsunaError` to handle any setsuna failure, or a leaf
+to handle one kind. Foreign exceptions (onnxruntime, tritonclient, protobuf,
+OS errors) are translated at the boundary where they happen, with the cause
+chained, so trading code never has to import a third-party exception type.
+
+::
+
+    SetsunaError
+    ├── ConfigError            a setting, model config or CLI flag is invalid
+    ├── InputError             a request does not match the model's schema
+    │   ├── ShapeError         wrong number of features / wrong dims
+    │   ├── DTypeError         a dtype that cannot be cast without loss
+    │   └── NaNError           NaN or ±inf where the model does not allow it
+    ├── SourceError            a source model cannot be read or converted
+    │   ├── UnknownModelTypeError
+    │   └── PickleRefusedError
+    ├── ArtifactError          a built artifact is missing or does not verify
+    │   └── TamperedArtifactError
+    ├── GateError              no candidate passed the accuracy gate
+    ├── EngineError            a runtime failed to load or run an engine
+    └── ServerError            the local Triton server failed to start or stop
+
+Every message says what to do next, not only what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class SetsunaError(Exception):
+    """Root of every error setsuna raises."""
+
+
+class ConfigError(SetsunaError):
+    """A setting, model configuration or command-line flag is invalid."""
+
+
+class InputError(SetsunaError, ValueError):
+    """A request does not match the model's feature schema."""
+
+
+class ShapeError(InputError):
+    """The request has the wrong number of features or wrong dimensions."""
+
+
+class DTypeError(InputError):
+    """The request's dtype cannot be converted to the model's without loss."""
+
+
+class NaNError(InputError):
+    """NaN or ±inf reached a model whose manifest does not allow it."""
+
+
+class SourceError(SetsunaError):
+    """A source model cannot be read or converted."""
+
+
+class UnknownModelTypeError(SourceError):
+    """The source is not a model type setsuna knows how to convert."""
+
+
+class PickleRefusedError(SourceError):
+    """A pickle/joblib file was given without ``--allow-pickle``."""
+
+
+class ArtifactError(SetsunaError):
+    """A built artifact or manifest is missing or unreadable."""
+
+
+class TamperedArtifactError(ArtifactError):
+    """An artifact's sha256 does not match its manifest."""
+
+
+class GateError(SetsunaError):
+    """No candidate for a model passed the accuracy gate."""
+
+
+class EngineError(SetsunaError):
+    """A runtime failed to load or run an engine."""
+
+
+class ServerError(SetsunaError):
+    """The local Triton server failed to start, become ready, or stop."""
