@@ -38,7 +38,10 @@ def _split(x: F32, y: I8, valid_share: float) -> Split:
 
 
 def tabular(
-    n_rows: int = 40_000, n_features: int = N_TABULAR_FEATURES, *, seed: int = 7,
+    n_rows: int = 40_000,
+    n_features: int = N_TABULAR_FEATURES,
+    *,
+    seed: int = 7,
     valid_share: float = 0.25,
 ) -> Split:
     """Rows of ``n_features`` correlated features and a binary label."""
@@ -59,8 +62,12 @@ def tabular(
 
 
 def sequences(
-    n_seqs: int = 8_000, steps: int = SEQ_STEPS, n_features: int = SEQ_FEATURES, *,
-    seed: int = 11, valid_share: float = 0.25,
+    n_seqs: int = 8_000,
+    steps: int = SEQ_STEPS,
+    n_features: int = SEQ_FEATURES,
+    *,
+    seed: int = 11,
+    valid_share: float = 0.25,
 ) -> Split:
     """AR(1) feature paths ``[n, steps, n_features]`` and a label on their recent drift."""
     rng = np.random.default_rng(seed)

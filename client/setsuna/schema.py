@@ -58,7 +58,9 @@ class FeatureSchema:
             raise ConfigError(f"only float32 features are supported, got {self.dtype!r}")
 
     @classmethod
-    def tabular(cls, n_features: int, *, prefix: str = "f", allow_nan: bool = False) -> FeatureSchema:
+    def tabular(
+        cls, n_features: int, *, prefix: str = "f", allow_nan: bool = False
+    ) -> FeatureSchema:
         """A schema of ``n_features`` generically named columns."""
         return cls(tuple(f"{prefix}{i}" for i in range(n_features)), (n_features,), allow_nan)
 

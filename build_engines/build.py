@@ -1,0 +1,140 @@
+"""Source -> candidates -> gate -> model repository, for one model.
+
+This is the whole pipeline in one function, :func:`build_model`. Converters
+are chosen by the source's kind; each returns candidates (or says why an
+engine was skipped). The held-out rows are split once: the first part
+calibrates static INT8 quantisation, the rest judges every candidate, so no
+candidate is graded on the rows it was calibrated on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from build_engines import gate
+from build_engines.base import F32, Built, Candidate, Converter, Skipped, Source, Target
+from build_engines.report import Report
+from build_engines.repository import write_model
+from build_engines.spec import ModelSpec
+from setsuna.errors import GateError, InputError
+
+#: Share of the held-out rows used for INT8 calibration (the rest judge).
+CALIBRATION_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The report and, per target, the version folder that was published."""
+
+    report: Report
+    published: dict[Target, Path]
+
+
+def converter_for(source: Source) -> Converter:
+    """The converter module for a source kind (imported lazily: each pulls a stack)."""
+    if source.kind in ("lightgbm", "xgboost", "sklearn"):
+        from build_engines.candidates import trees
+
+        return trees.convert
+    from build_engines.candidates import neural
+
+    return neural.convert
+
+
+def split_holdout(x_valid: F32) -> tuple[F32, F32]:
+    """(calibration rows, judging rows) from the held-out rows."""
+    n_cal = max(1, int(len(x_valid) * CALIBRATION_SHARE))
+    if len(x_valid) - n_cal < 100:
+        raise InputError(
+            f"{len(x_valid)} held-out rows are too few to judge candidates; give at least "
+            f"{math.ceil(100 / (1 - CALIBRATION_SHARE))}"
+        )
+    return np.ascontiguousarray(x_valid[:n_cal]), np.ascontiguousarray(x_valid[n_cal:])
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    figures: dict[str, gate.Figures],
+    target: Target,
+    profile: str,
+) -> Candidate | None:
+    """The fastest passing candidate the target can serve, for the model's profile.
+
+    ``container`` prefers, in order, a GPU plan, then Triton's native tree
+    backend (FIL), then the fastest ONNX file: FIL and TensorRT cannot be
+    timed on a host without their backends, so that order is a rule, not a
+    measurement (the report says which figures were measured).
+    """
+    ok = [c for c in candidates if figures[c.name].passed]
+    if target == "local":
+        ok = [c for c in ok if c.local and c.engine]
+    else:
+        ok = [c for c in ok if c.container is not None]
+        gpu = [c for c in ok if c.container is not None and c.container.gpu]
+        fil = [c for c in ok if c.container is not None and c.container.backend == "fil"]
+        ok = gpu or fil or ok
+    if not ok:
+        return None
+
+    def speed(c: Candidate) -> float:
+        f = figures[c.name]
+        v = f.p50_us if profile == "latency" else -f.rows_per_s_at_1024
+        return v if math.isfinite(v) else math.inf
+
+    return min(ok, key=speed)
+
+
+def build_model(
+    source: Source,
+    x_valid: F32,
+    spec: ModelSpec,
+    repo_root: Path,
+    targets: Sequence[Target],
+    workdir: Path,
+    *,
+    converter: Converter | None = None,
+    echo: bool = True,
+) -> BuildResult:
+    """Build, judge and publish one model; raise GateError if a target gets nothing."""
+    x_valid = source.schema.check(x_valid)
+    calib, judge_rows = split_holdout(x_valid)
+    stage = workdir / spec.name
+    stage.mkdir(parents=True, exist_ok=True)
+    built: list[Built] = (converter or converter_for(source))(source, stage, calib)
+    candidates = [b for b in built if isinstance(b, Candidate)]
+    skipped = [b for b in built if isinstance(b, Skipped)]
+    expected = source.reference(judge_rows)
+    figures = {c.name: gate.judge(c, source, judge_rows, expected, spec.gate) for c in candidates}
+    chosen = {t: choose(candidates, figures, t, spec.profile) for t in targets}
+    report = Report(
+        model=spec.name,
+        source_kind=source.kind,
+        source_sha256=source.sha256,
+        profile=spec.profile,
+        min_identical_decisions=spec.gate.min_identical_decisions,
+        source=gate.measure_source(source, judge_rows, spec.gate),
+        candidates=list(figures.values()),
+        skipped=skipped,
+        published={t: c.name for t, c in chosen.items() if c is not None},
+    )
+    report.write(stage)
+    if echo:
+        print(report.text_table(), flush=True)
+    missing = [t for t, c in chosen.items() if c is None]
+    if missing:
+        raise GateError(
+            f"{spec.name}: no candidate passed the gate for target(s) {missing}; see "
+            f"{stage / 'gate_report.md'}. Lower min_identical_decisions only if those "
+            "decision flips are acceptable, or fix the conversion"
+        )
+    published = {
+        t: write_model(repo_root / t, spec, source, c, t, report)
+        for t, c in chosen.items()
+        if c is not None
+    }
+    return BuildResult(report=report, published=published)

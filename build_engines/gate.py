@@ -1,0 +1,230 @@
+"""The accuracy gate: a candidate is published only if it decides like its source.
+
+Every candidate runs on the same held-out rows as the source library. The
+gate records how far its outputs drift (max |Δ|), the share of identical
+decisions (class at the decision threshold for classifiers, sign for
+regressors), single-row p50/p99, the per-row cost of a batch of 32, rows/s at
+a batch of 1,024, memory added by loading and size on disk. A candidate whose
+identical-decision share is under the model's threshold (default 99.9 %) is
+rejected, and keeps its figures in the report so the rejection can be read.
+
+Timing here is in-process and single-threaded by construction (engines are
+loaded with their serving thread counts); end-to-end figures through Triton
+belong to ``perf/``.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from build_engines.base import F32, Candidate, Source
+from setsuna import runtime
+from setsuna.errors import ConfigError, EngineError
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """How strict and how long the gate is. Validated once, here."""
+
+    #: Share of held-out rows whose decision must equal the source's.
+    min_identical_decisions: float = 0.999
+    #: Single-row calls timed for p50/p99.
+    latency_calls: int = 400
+    #: Wall time spent timing each batched figure.
+    batch_budget_s: float = 0.25
+    batch_rows: int = 1024
+    small_batch_rows: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_identical_decisions <= 1.0:
+            raise ConfigError(
+                f"min_identical_decisions={self.min_identical_decisions} must be in (0, 1]; "
+                "use e.g. 0.999 for 99.9 %"
+            )
+        if self.latency_calls < 10:
+            raise ConfigError(f"latency_calls={self.latency_calls}: time at least 10 calls")
+        if self.batch_budget_s <= 0 or self.batch_rows < 1 or self.small_batch_rows < 1:
+            raise ConfigError("batch_budget_s, batch_rows and small_batch_rows must be positive")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What the gate measured for one engine (the source included)."""
+
+    name: str
+    engine: str
+    max_abs_diff: float
+    identical_decisions: float
+    p50_us: float
+    p99_us: float
+    per_row_us_at_32: float
+    rows_per_s_at_1024: float
+    load_mib: float
+    size_bytes: int
+    passed: bool
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decisions(scores: F32, source: Source) -> npt.NDArray[np.generic]:
+    """Class at the threshold for classifiers, sign for regressors."""
+    flat = scores.reshape(-1)
+    if source.task == "classification":
+        return np.asarray(flat >= source.decision_threshold)
+    return np.asarray(np.sign(flat))
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _timings(predict: Callable[[F32], F32], rows: F32, settings: GateSettings) -> dict[str, float]:
+    """p50/p99 of one row, per-row cost at 32, rows/s at 1,024."""
+
+    def batch_of(n: int) -> F32:
+        reps = -(-n // len(rows))
+        return np.ascontiguousarray(np.concatenate([rows] * reps)[:n]) if reps > 1 else rows[:n]
+
+    singles = [np.ascontiguousarray(rows[i % len(rows)][np.newaxis]) for i in range(64)]
+    for x in singles[:16]:  # warm caches, lazy allocations, JIT paths
+        predict(x)
+    lat_ns = np.empty(settings.latency_calls, dtype=np.int64)
+    for i in range(settings.latency_calls):
+        x = singles[i % len(singles)]
+        t0 = time.perf_counter_ns()
+        predict(x)
+        lat_ns[i] = time.perf_counter_ns() - t0
+
+    def rows_per_s(n: int) -> float:
+        x = batch_of(n)
+        predict(x)
+        done, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < settings.batch_budget_s or done == 0:
+            predict(x)
+            done += n
+        return done / elapsed
+
+    small = rows_per_s(settings.small_batch_rows)
+    return {
+        "p50_us": float(np.percentile(lat_ns, 50)) / 1e3,
+        "p99_us": float(np.percentile(lat_ns, 99)) / 1e3,
+        "per_row_us_at_32": 1e6 / small,
+        "rows_per_s_at_1024": rows_per_s(settings.batch_rows),
+    }
+
+
+def measure_source(source: Source, x_valid: F32, settings: GateSettings) -> Figures:
+    """The source library's own figures: the row every ratio is taken against."""
+    t = _timings(source.reference, x_valid, settings)
+    return Figures(
+        name="source",
+        engine=source.reference_label,
+        max_abs_diff=0.0,
+        identical_decisions=1.0,
+        load_mib=0.0,
+        size_bytes=0,
+        passed=True,
+        reason="reference",
+        **t,
+    )
+
+
+def judge(
+    candidate: Candidate,
+    source: Source,
+    x_valid: F32,
+    expected: F32,
+    settings: GateSettings,
+) -> Figures:
+    """Load ``candidate``, compare it with ``expected`` (the source on ``x_valid``), time it."""
+    kind = candidate.engine or candidate.gate_engine
+    params = candidate.params if candidate.engine else candidate.gate_params
+    gc.collect()
+    rss0 = _rss_bytes()
+    try:
+        engine = runtime.load(kind, candidate.folder, params)
+        got = engine.predict(x_valid)
+    except EngineError as exc:
+        return Figures(
+            candidate.name,
+            kind,
+            float("nan"),
+            0.0,
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            0.0,
+            0.0,
+            _folder_bytes(candidate.folder),
+            passed=False,
+            reason=f"failed: {exc}",
+        )
+    load_mib = max(0, _rss_bytes() - rss0) / 2**20
+    if got.shape != expected.shape:
+        return Figures(
+            candidate.name,
+            kind,
+            float("nan"),
+            0.0,
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            0.0,
+            load_mib,
+            _folder_bytes(candidate.folder),
+            passed=False,
+            reason=f"output shape {got.shape} != source {expected.shape}",
+        )
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+    max_abs = float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf")
+    same = float(np.mean(decisions(got, source) == decisions(expected, source)))
+    passed = same >= settings.min_identical_decisions
+    reason = (
+        ""
+        if passed
+        else f"{same:.4%} identical decisions < required {settings.min_identical_decisions:.2%}"
+    )
+    # A judge-only engine (GTIL standing in for FIL) is not what serves: don't time it.
+    t = (
+        _timings(engine.predict, x_valid, settings)
+        if candidate.engine
+        else dict.fromkeys(_TIMING_KEYS, float("nan"))
+    )
+    return Figures(
+        name=candidate.name,
+        engine=kind
+        if candidate.engine
+        else f"{kind} (judge only; serves on {_served_by(candidate)})",
+        max_abs_diff=max_abs,
+        identical_decisions=same,
+        load_mib=load_mib,
+        size_bytes=_folder_bytes(candidate.folder),
+        passed=passed,
+        reason=reason,
+        **t,
+    )
+
+
+_TIMING_KEYS = ("p50_us", "p99_us", "per_row_us_at_32", "rows_per_s_at_1024")
+
+
+def _served_by(candidate: Candidate) -> str:
+    spec = candidate.container
+    return (spec.backend or spec.platform) if spec else "nothing here"

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from build_engines import gate
+from build_engines.base import F32, Built, Source
+from build_engines.build import build_model
+from build_engines.repository import CONFIG_NAME, parse_config
+from build_engines.spec import ModelSpec, ServingSpec
+from setsuna import manifest
+from setsuna.errors import ConfigError, GateError
+from tests.helpers import logistic_candidate, logistic_source
+
+RNG = np.random.default_rng(1)
+W = RNG.normal(size=5).astype(np.float32)
+X = RNG.normal(size=(1000, 5)).astype(np.float32)
+FAST = gate.GateSettings(latency_calls=20, batch_budget_s=0.01)
+
+
+def _converter(b: float) -> object:
+    def convert(source: Source, workdir: Path, calib: F32) -> list[Built]:
+        return [logistic_candidate(workdir / "onnx", W, b)]
+
+    return convert
+
+
+def _build(tmp_path: Path, b: float = 0.0, **serving: object) -> Path:
+    spec = ModelSpec("logit", gate=FAST, serving=ServingSpec(**serving))  # type: ignore[arg-type]
+    build_model(
+        logistic_source(W, 0.0),
+        X,
+        spec,
+        tmp_path / "repo",
+        ("local", "container"),
+        tmp_path / "work",
+        converter=_converter(b),
+        echo=False,  # type: ignore[arg-type]
+    )
+    return tmp_path / "repo"
+
+
+def test_both_targets_parse_under_tritons_schema(tmp_path: Path) -> None:
+    repo = _build(tmp_path, max_queue_delay_us=250, cpu_instances=3)
+    local = parse_config((repo / "local" / "logit" / CONFIG_NAME).read_text())
+    container = parse_config((repo / "container" / "logit" / CONFIG_NAME).read_text())
+    assert local.backend == "python" and not local.platform
+    assert container.platform == "onnxruntime_onnx"
+    assert container.parameters["intra_op_thread_count"].string_value == "1"
+    for cfg in (local, container):
+        assert cfg.max_batch_size == 1024
+        assert [i.name for i in cfg.input] == ["features"] and list(cfg.input[0].dims) == [5]
+        assert [o.name for o in cfg.output] == ["score"] and list(cfg.output[0].dims) == [1]
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
+        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 4096
+        assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        assert cfg.instance_group[0].count == 3
+        assert cfg.response_cache.enable
+        assert cfg.version_policy.latest.num_versions == 1
+        assert cfg.model_warmup[0].inputs["features"].zero_data
+
+
+def test_version_folders_carry_verified_manifest_and_report(tmp_path: Path) -> None:
+    repo = _build(tmp_path)
+    local = repo / "local" / "logit" / "1"
+    m = manifest.verify(local)
+    assert set(m.files) == {"model.onnx", "model.py", "gate_report.json", "gate_report.md"}
+    assert m.engine == "onnxruntime" and not m.schema.allow_nan
+    assert m.gate["figures"]["identical_decisions"] == 1.0
+    report = json.loads((local / "gate_report.json").read_text())
+    assert report["published"] == {"local": "onnx", "container": "onnx"}
+    assert "TritonPythonModel" in (local / "model.py").read_text()
+    manifest.verify(repo / "container" / "logit" / "1")
+    assert not list(repo.rglob("*.pkl")) and not list(repo.rglob("*.pickle"))
+
+
+def test_a_target_with_no_survivor_raises_and_publishes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(GateError, match="gate_report.md"):
+        _build(tmp_path, b=0.5)
+    assert not (tmp_path / "repo").exists()
+    assert (tmp_path / "work" / "logit" / "gate_report.md").is_file()
+
+
+def test_a_config_the_schema_rejects_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="max_batch_sise"):
+        parse_config('name: "m"\nmax_batch_sise: 8\n')
+
+
+@pytest.mark.parametrize(
+    "serving",
+    [
+        {"max_batch_size": 0},
+        {"preferred_batch_sizes": (2048,)},
+        {"max_queue_size": 0},
+        {"max_queue_delay_us": -1},
+        {"cpu_instances": 0},
+    ],
+)
+def test_bad_serving_settings_are_refused(serving: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        ServingSpec(**serving)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["Bad", "1x", "a-b", ""])
+def test_bad_model_names_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError):
+        ModelSpec(name)

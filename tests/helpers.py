@@ -1,0 +1,68 @@
+"""Small real artifacts for tests: a logistic model as ONNX and its numpy oracle."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from build_engines.base import F32, Candidate, ContainerSpec, Source
+from setsuna.schema import INPUT_NAME, OUTPUT_NAME, FeatureSchema
+
+
+def logistic_onnx(path: Path, w: F32, b: float) -> Path:
+    """Write score = sigmoid(x @ w + b) as an ONNX file with setsuna's tensor names."""
+    n = len(w)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", [INPUT_NAME, "w"], ["z0"]),
+            helper.make_node("Add", ["z0", "b"], ["z"]),
+            helper.make_node("Sigmoid", ["z"], [OUTPUT_NAME]),
+        ],
+        "logistic",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", n])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
+        [
+            numpy_helper.from_array(w.reshape(n, 1).astype(np.float32), "w"),
+            numpy_helper.from_array(np.array([b], dtype=np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def logistic_source(w: F32, b: float, *, name: str = "logit", allow_nan: bool = False) -> Source:
+    """A Source whose oracle is numpy: the same function the ONNX graph computes."""
+
+    def reference(x: F32) -> F32:
+        z = x.astype(np.float64) @ w.astype(np.float64) + b
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32).reshape(-1, 1)
+
+    return Source(
+        name=name,
+        kind="onnx",
+        model=None,
+        schema=FeatureSchema.tabular(len(w), allow_nan=allow_nan),
+        task="classification",
+        sha256=hashlib.sha256(w.tobytes() + np.float32(b).tobytes()).hexdigest(),
+        reference=reference,
+        reference_label="numpy logistic",
+    )
+
+
+def logistic_candidate(folder: Path, w: F32, b: float, name: str = "onnx") -> Candidate:
+    logistic_onnx(folder / "model.onnx", w, b)
+    return Candidate(
+        name=name,
+        engine="onnxruntime",
+        folder=folder,
+        params={"file": "model.onnx", "threads": 1, "optimized_offline": False},
+        container=ContainerSpec(default_model_filename="model.onnx", platform="onnxruntime_onnx"),
+    )
