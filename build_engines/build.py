@@ -89,18 +89,25 @@ def choose(
     return min(ok, key=speed)
 
 
-def build_model(
+@dataclass(frozen=True)
+class Evaluation:
+    """Every candidate of one model, judged, and the pick for each target."""
+
+    report: Report
+    chosen: dict[Target, Candidate | None]
+    stage: Path
+
+
+def evaluate(
     source: Source,
     x_valid: F32,
     spec: ModelSpec,
-    repo_root: Path,
     targets: Sequence[Target],
     workdir: Path,
     *,
     converter: Converter | None = None,
-    echo: bool = True,
-) -> BuildResult:
-    """Build, judge and publish one model; raise GateError if a target gets nothing."""
+) -> Evaluation:
+    """Convert ``source`` into every candidate, judge each, pick per target."""
     x_valid = source.schema.check(x_valid)
     calib, judge_rows = split_holdout(x_valid)
     stage = workdir / spec.name
@@ -123,18 +130,34 @@ def build_model(
         published={t: c.name for t, c in chosen.items() if c is not None},
     )
     report.write(stage)
+    return Evaluation(report, chosen, stage)
+
+
+def build_model(
+    source: Source,
+    x_valid: F32,
+    spec: ModelSpec,
+    repo_root: Path,
+    targets: Sequence[Target],
+    workdir: Path,
+    *,
+    converter: Converter | None = None,
+    echo: bool = True,
+) -> BuildResult:
+    """Build, judge and publish one model; raise GateError if a target gets nothing."""
+    ev = evaluate(source, x_valid, spec, targets, workdir, converter=converter)
     if echo:
-        print(report.text_table(), flush=True)
-    missing = [t for t, c in chosen.items() if c is None]
+        print(ev.report.text_table(), flush=True)
+    missing = [t for t, c in ev.chosen.items() if c is None]
     if missing:
         raise GateError(
             f"{spec.name}: no candidate passed the gate for target(s) {missing}; see "
-            f"{stage / 'gate_report.md'}. Lower min_identical_decisions only if those "
+            f"{ev.stage / 'gate_report.md'}. Lower min_identical_decisions only if those "
             "decision flips are acceptable, or fix the conversion"
         )
     published = {
-        t: write_model(repo_root / t, spec, source, c, t, report)
-        for t, c in chosen.items()
+        t: write_model(repo_root / t, spec, source, c, t, ev.report)
+        for t, c in ev.chosen.items()
         if c is not None
     }
-    return BuildResult(report=report, published=published)
+    return BuildResult(report=ev.report, published=published)
