@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from build_engines.base import F32, Candidate, Source
 from setsuna import runtime
-from setsuna.errors import ConfigError, EngineError
+from setsuna.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,8 @@ class GateSettings:
     batch_budget_s: float = 0.25
     batch_rows: int = 1024
     small_batch_rows: int = 32
+    #: Held-out rows also judged one at a time (decisions must not depend on batch-mates).
+    row_by_row_rows: int = 2000
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_identical_decisions <= 1.0:
@@ -159,42 +161,26 @@ def judge(
     rss0 = _rss_bytes()
     try:
         engine = runtime.load(kind, candidate.folder, params)
+        load_mib = max(0, _rss_bytes() - rss0) / 2**20
         got = engine.predict(x_valid)
-    except EngineError as exc:
-        return Figures(
-            candidate.name,
-            kind,
-            float("nan"),
-            0.0,
-            float("nan"),
-            float("nan"),
-            float("nan"),
-            0.0,
-            0.0,
-            _folder_bytes(candidate.folder),
-            passed=False,
-            reason=f"failed: {exc}",
-        )
-    load_mib = max(0, _rss_bytes() - rss0) / 2**20
-    if got.shape != expected.shape:
-        return Figures(
-            candidate.name,
-            kind,
-            float("nan"),
-            0.0,
-            float("nan"),
-            float("nan"),
-            float("nan"),
-            0.0,
-            load_mib,
-            _folder_bytes(candidate.folder),
-            passed=False,
-            reason=f"output shape {got.shape} != source {expected.shape}",
+        # Served batches are whatever the dynamic batcher forms, so a row must
+        # decide the same alone as in a crowd (dynamic INT8 scales per batch).
+        n_alone = min(len(x_valid), settings.row_by_row_rows)
+        alone = np.concatenate([engine.predict(x_valid[i : i + 1]) for i in range(n_alone)])
+    except Exception as exc:  # any runtime failure is a failed candidate, not a crash
+        return _failed(candidate, kind, f"failed: {exc}", 0.0)
+    if got.shape != expected.shape or alone.shape != expected[:n_alone].shape:
+        return _failed(
+            candidate, kind, f"output shape {got.shape} != source {expected.shape}", load_mib
         )
     with np.errstate(invalid="ignore"):
-        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-    max_abs = float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf")
-    same = float(np.mean(decisions(got, source) == decisions(expected, source)))
+        diffs = np.concatenate([np.abs(got - expected), np.abs(alone - expected[:n_alone])])
+    max_abs = float(np.nanmax(diffs)) if np.isfinite(diffs).any() else float("inf")
+    want = decisions(expected, source)
+    same = min(
+        float(np.mean(decisions(got, source) == want)),
+        float(np.mean(decisions(alone, source) == want[:n_alone])),
+    )
     passed = same >= settings.min_identical_decisions
     reason = (
         ""
@@ -223,6 +209,14 @@ def judge(
 
 
 _TIMING_KEYS = ("p50_us", "p99_us", "per_row_us_at_32", "rows_per_s_at_1024")
+
+
+def _failed(candidate: Candidate, kind: str, reason: str, load_mib: float) -> Figures:
+    nan = float("nan")
+    size = _folder_bytes(candidate.folder)
+    return Figures(
+        candidate.name, kind, nan, 0.0, nan, nan, nan, 0.0, load_mib, size, False, reason
+    )
 
 
 def _served_by(candidate: Candidate) -> str:

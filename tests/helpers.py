@@ -66,3 +66,24 @@ def logistic_candidate(folder: Path, w: F32, b: float, name: str = "onnx") -> Ca
         params={"file": "model.onnx", "threads": 1, "optimized_offline": False},
         container=ContainerSpec(default_model_filename="model.onnx", platform="onnxruntime_onnx"),
     )
+
+
+def batch_dependent_onnx(path: Path, w: F32) -> Path:
+    """score = sigmoid(z - mean_batch(z)), z = x @ w: right in a crowd, 0.5 alone."""
+    n = len(w)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", [INPUT_NAME, "w"], ["z"]),
+            helper.make_node("ReduceMean", ["z"], ["m"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["z", "m"], ["c"]),
+            helper.make_node("Sigmoid", ["c"], [OUTPUT_NAME]),
+        ],
+        "batch_dependent",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", n])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(w.reshape(n, 1).astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

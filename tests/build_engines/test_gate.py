@@ -91,3 +91,15 @@ def test_container_prefers_native_tree_backend(tmp_path: Path) -> None:
     figs = {"onnx": _figures("onnx", 5.0, 1.0), "fil": _figures("fil", float("nan"), 0.0)}
     assert choose([onnx, fil], figs, "container", "latency") is fil
     assert choose([onnx, fil], figs, "local", "latency") is onnx
+
+
+def test_a_candidate_whose_decisions_depend_on_batch_mates_is_rejected(tmp_path: Path) -> None:
+    from tests.helpers import batch_dependent_onnx
+
+    src = logistic_source(W, 0.0)
+    cand = logistic_candidate(tmp_path, W, 0.0)
+    batch_dependent_onnx(tmp_path / "model.onnx", W)  # same folder, batch-dependent graph
+    x = X - X.mean(axis=0)  # centred: in one big batch the mean shift is ~0
+    f = gate.judge(cand, src, x, src.reference(x), FAST)
+    assert not f.passed
+    assert f.identical_decisions < 0.9  # alone, every row scores exactly 0.5
