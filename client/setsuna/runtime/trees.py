@@ -1,0 +1,239 @@
+"""Compiled tree engines: lleaves, tl2cgen, and treelite's GTIL.
+
+Each engine makes one native call per batch and never loops over rows in
+Python. These loaders also run inside Triton Python-backend processes, so
+they import their runtime lazily and never compile anything: a version folder
+holds the compiled object next to the model, and a folder without it is
+refused rather than rebuilt on the serving path (compiling a 500-tree forest
+takes over a minute, and its output would be an unlisted file that fails
+:func:`setsuna.manifest.verify`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from setsuna.errors import EngineError, ShapeError
+from setsuna.runtime import F32
+
+#: Symbols of the batch entry point build_engines appends to tl2cgen's C code.
+TL2CGEN_BATCH_SYMBOL = "setsuna_predict_batch"
+TL2CGEN_NFEATURE_SYMBOL = "setsuna_num_feature"
+#: The compiled library's file name. Not ``model.so``: the Python backend imports
+#: ``model`` from the version folder, and Python prefers an extension module
+#: ``model.so`` to ``model.py`` ("dynamic module does not define module export
+#: function (PyInit_model)"). The hyphen keeps it unimportable under any name.
+TL2CGEN_LIB = "tl2cgen-forest.so"
+
+
+def host_cpu() -> tuple[str, str]:
+    """LLVM's name for this CPU and a short hash of its feature flags.
+
+    lleaves objects are machine code for the CPU they were compiled on; the
+    build records these and the loader compares them, because running an
+    object with instructions this CPU lacks kills the process (SIGILL), Triton
+    included.
+    """
+    import llvmlite.binding as llvm
+
+    name = str(llvm.get_host_cpu_name())
+    try:
+        features = str(llvm.get_host_cpu_features().flatten())
+    except RuntimeError:  # LLVM cannot detect features on some hosts
+        features = ""
+    return name, hashlib.sha256(features.encode()).hexdigest()[:16]
+
+
+def _as_batch(x: F32, n_features: int) -> F32:
+    """``x`` as C-contiguous float32 ``[n, n_features]``; no copy when it already is."""
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != n_features:
+        raise ShapeError(
+            f"expected a batch of shape [n, {n_features}], got {list(arr.shape)}; "
+            "validate requests with the model's FeatureSchema.check first"
+        )
+    return arr
+
+
+def _last_column(out: Any, n: int) -> F32:
+    """The score column of a native output: the only one, or class 1 of two."""
+    arr = np.asarray(out).reshape(n, -1)
+    if arr.shape[1] > 2:
+        raise EngineError(
+            f"the engine returned {arr.shape[1]} outputs per row; only binary classifiers "
+            "and single-output regressors are supported. Rebuild from a supported source"
+        )
+    return np.ascontiguousarray(arr[:, -1:], dtype=np.float32)
+
+
+class LleavesEngine:
+    """A LightGBM forest compiled to machine code by lleaves.
+
+    ``threads`` is passed to lleaves as ``n_jobs`` and defaults to 1: lleaves
+    builds a thread pool per call when ``n_jobs > 1`` (6-15x slower on a
+    single row), and its own default is every core.
+    """
+
+    def __init__(
+        self,
+        model_file: Path,
+        object_file: Path,
+        *,
+        threads: int = 1,
+        target_cpu: str | None = None,
+        cpu_features_sha256: str | None = None,
+    ) -> None:
+        if not object_file.is_file():
+            raise EngineError(
+                f"{object_file} is missing; the loader never compiles at serve time. "
+                "Rebuild the model with `make build-engines`"
+            )
+        if target_cpu is not None:
+            name, features = host_cpu()
+            if (name, features) != (target_cpu, cpu_features_sha256 or features):
+                raise EngineError(
+                    f"{object_file} was compiled for CPU {target_cpu!r} "
+                    f"(features {cpu_features_sha256}) but this host is {name!r} "
+                    f"(features {features}); running it could crash the process. "
+                    "Rebuild the model on this host, or serve its onnx/tl2cgen candidate"
+                )
+        import lleaves
+
+        self._model = lleaves.Model(model_file=str(model_file))
+        # With the object present lleaves loads it instead of compiling.
+        self._model.compile(cache=str(object_file))
+        self._n_features = int(self._model.num_feature())
+        if self._model.num_model_per_iteration() != 1:
+            raise EngineError(
+                f"{model_file} is a multiclass model; only binary classifiers and "
+                "regressors are supported"
+            )
+        self._threads = threads
+
+    def predict(self, x: F32) -> F32:
+        batch = _as_batch(x, self._n_features)
+        # One native call; lleaves widens to float64 (LightGBM compares in double).
+        return _last_column(self._model.predict(batch, n_jobs=self._threads), len(batch))
+
+
+class Tl2cgenEngine:
+    """A forest compiled to a shared library by tl2cgen.
+
+    With one thread the batch is scored by ``setsuna_predict_batch``, a C
+    loop build_engines compiles into the same library: one ctypes call per
+    batch (NaN -> missing, rows scored in C). On a single row that is 15 us
+    less than tl2cgen's Python ``Predictor``, whose DMatrix set-up costs as
+    much as the forest (20 vs 35 us p50, 500 trees x 63 leaves). Libraries
+    without that symbol, or more than one thread, go through the Predictor.
+    """
+
+    def __init__(self, lib: Path, *, threads: int = 1) -> None:
+        if not lib.is_file():
+            raise EngineError(f"{lib} is missing; rebuild the model with `make build-engines`")
+        self._threads = threads
+        self._batch: Any = None
+        self._predictor: Any = None
+        self._n_features = -1
+        dll = ctypes.CDLL(str(lib.resolve()))
+        if threads == 1 and hasattr(dll, TL2CGEN_BATCH_SYMBOL):
+            num_feature = getattr(dll, TL2CGEN_NFEATURE_SYMBOL)
+            num_feature.restype = ctypes.c_int32
+            num_feature.argtypes = []
+            self._n_features = int(num_feature())
+            batch = getattr(dll, TL2CGEN_BATCH_SYMBOL)
+            batch.restype = None
+            batch.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            self._dll = dll  # keeps the library mapped while the function is used
+            self._batch = batch
+        else:
+            import tl2cgen
+
+            self._predictor = tl2cgen.Predictor(str(lib), nthread=threads)
+            self._n_features = int(self._predictor.num_feature)
+
+    def predict(self, x: F32) -> F32:
+        batch = _as_batch(x, self._n_features)
+        n = len(batch)
+        if self._batch is None:
+            import tl2cgen
+
+            return _last_column(self._predictor.predict(tl2cgen.DMatrix(batch)), n)
+        out = np.empty((n, 1), dtype=np.float32)
+        self._batch(batch.ctypes.data, n, out.ctypes.data)
+        return out
+
+
+#: Treelite loaders by the FIL ``model_type`` of the file they read.
+_GTIL_FORMATS = ("lightgbm", "xgboost_json", "xgboost_ubj", "treelite_checkpoint")
+
+
+class GtilEngine:
+    """Treelite's reference interpreter over the same file FIL loads.
+
+    FIL cannot run here (it needs the Triton FIL backend), and FIL implements
+    treelite's semantics, so the gate judges a FIL candidate by GTIL reading
+    the very file FIL will read. GTIL evaluates in the model's own precision
+    (float64 for LightGBM), FIL in float32: see the candidate's notes.
+    """
+
+    def __init__(self, path: Path, model_type: str, *, threads: int = 1) -> None:
+        import treelite
+
+        if model_type == "lightgbm":
+            self._model = treelite.frontend.load_lightgbm_model(path)
+        elif model_type == "xgboost_json":
+            self._model = treelite.frontend.load_xgboost_model(path, format_choice="json")
+        elif model_type == "xgboost_ubj":
+            self._model = treelite.frontend.load_xgboost_model(path, format_choice="ubjson")
+        elif model_type == "treelite_checkpoint":
+            self._model = treelite.Model.deserialize(path)
+        else:
+            raise EngineError(
+                f"unknown FIL model_type {model_type!r}; known: {', '.join(_GTIL_FORMATS)}. "
+                "Rebuild the model with this version of setsuna"
+            )
+        self._n_features = int(self._model.num_feature)
+        self._threads = threads
+
+    def predict(self, x: F32) -> F32:
+        import treelite
+
+        batch = _as_batch(x, self._n_features)
+        out = treelite.gtil.predict(self._model, batch, nthread=self._threads)
+        return _last_column(out, len(batch))
+
+
+def load_lleaves(folder: Path, params: Mapping[str, Any]) -> LleavesEngine:
+    cpu = params.get("target_cpu")
+    features = params.get("cpu_features_sha256")
+    return LleavesEngine(
+        folder / str(params.get("model_file", "model.txt")),
+        folder / str(params.get("object_file", "model.o")),
+        threads=int(params.get("threads", 1)),
+        target_cpu=None if cpu is None else str(cpu),
+        cpu_features_sha256=None if features is None else str(features),
+    )
+
+
+def load_tl2cgen(folder: Path, params: Mapping[str, Any]) -> Tl2cgenEngine:
+    return Tl2cgenEngine(
+        folder / str(params.get("lib", TL2CGEN_LIB)), threads=int(params.get("threads", 1))
+    )
+
+
+def load_gtil(folder: Path, params: Mapping[str, Any]) -> GtilEngine:
+    if "file" not in params or "model_type" not in params:
+        raise EngineError(
+            f"gtil params {dict(params)} need 'file' and 'model_type'; rebuild the model"
+        )
+    return GtilEngine(
+        folder / str(params["file"]),
+        str(params["model_type"]),
+        threads=int(params.get("threads", 1)),
+    )
