@@ -79,7 +79,7 @@ def test_version_folders_carry_verified_manifest_and_report(tmp_path: Path) -> N
 
 
 def test_a_target_with_no_survivor_raises_and_publishes_nothing(tmp_path: Path) -> None:
-    with pytest.raises(GateError, match="gate_report.md"):
+    with pytest.raises(GateError, match=r"gate_report\.md"):
         _build(tmp_path, b=0.5)
     assert not (tmp_path / "repo").exists()
     assert (tmp_path / "work" / "logit" / "gate_report.md").is_file()
