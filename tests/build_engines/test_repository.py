@@ -109,3 +109,43 @@ def test_bad_serving_settings_are_refused(serving: dict[str, object]) -> None:
 def test_bad_model_names_are_refused(name: str) -> None:
     with pytest.raises(ConfigError):
         ModelSpec(name)
+
+
+def test_fil_and_tensorrt_container_configs_parse(tmp_path: Path) -> None:
+    from google.protobuf import text_format
+
+    from build_engines.base import Candidate, ContainerSpec
+    from build_engines.repository import build_config
+
+    spec = ModelSpec("trees", serving=ServingSpec(gpu_instances=2))
+    src = logistic_source(W, 0.0)
+    fil = Candidate(
+        "fil",
+        "",
+        tmp_path,
+        local=False,
+        gate_engine="gtil",
+        container=ContainerSpec(
+            "model.txt",
+            backend="fil",
+            parameters={"model_type": "lightgbm", "output_class": "true", "predict_proba": "true"},
+        ),
+    )
+    trt = Candidate(
+        "tensorrt-fp16",
+        "tensorrt",
+        tmp_path,
+        container=ContainerSpec("model.plan", platform="tensorrt_plan", gpu=True),
+    )
+    cfg = parse_config(text_format.MessageToString(build_config(spec, src, fil, "container")))
+    assert cfg.backend == "fil" and cfg.default_model_filename == "model.txt"
+    assert [i.name for i in cfg.input] == ["input__0"]
+    assert [(o.name, list(o.dims)) for o in cfg.output] == [("output__0", [2])]
+    assert cfg.parameters["model_type"].string_value == "lightgbm"
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    cfg = parse_config(text_format.MessageToString(build_config(spec, src, trt, "container")))
+    assert cfg.platform == "tensorrt_plan"
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert cfg.instance_group[0].count == 2
+    with pytest.raises(ConfigError, match="local target"):
+        build_config(spec, src, fil, "local")
