@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -77,6 +78,16 @@ TL2CGEN_TREES_PER_FILE = 25
 #: latency (43 -> 22 us a row, 38 -> 18 ms per 1024 rows) and compile time.
 #: Branch annotation from data (``annotate_in``) was measured too: no gain.
 TL2CGEN_PARAMS: dict[str, Any] = {"quantize": 1}
+#: Rows the batch entry point scores together, one tree unit (file) at a time:
+#: the unit's code stays in cache across the block instead of the whole forest
+#: streaming through it for every row. 500x63 example, threads=1, 1024 rows:
+#: 60k -> 80k rows/s (block 64: 70k); single-row latency unchanged.
+TL2CGEN_BLOCK_ROWS = 256
+#: lleaves ``fblocksize``: trees run over the whole batch a block at a time.
+#: 500x63 example, 1024 rows, threads=1: 8 -> 131k rows/s, 16 -> 123k, 34
+#: (lleaves' default) -> 110k, 128 -> 92k, 1 -> 118k; single-row p50 the same
+#: within noise (22-23 us). Compile time ~1 min either way.
+LLEAVES_BLOCKSIZE = 8
 
 #: Triton FIL: (file name, model_type) per source kind.
 FIL_FILES = {
@@ -125,6 +136,81 @@ void {batch_symbol}(const float* x, int64_t n_rows, float* out) {{
 }}
 """
 _C_TYPES = {"float32": "float", "float64": "double"}
+
+# Appended to tl2cgen's main.c when its predict() is the usual prologue
+# (quantisation), one call per tree unit, epilogue (base scores,
+# postprocessor): the same steps, with each unit run over a block of rows
+# before the next. Same inputs, same arithmetic per row, same output as
+# _BATCH_C. The block buffers are on the heap (a serving thread's stack may be
+# small); if that allocation fails, rows are scored one at a time on the stack.
+_BLOCKED_C = """
+#define SETSUNA_N_FEATURE {n_feature}
+#define SETSUNA_N_OUT (N_TARGET * MAX_N_CLASS)
+#define SETSUNA_BLOCK {block}
+
+int32_t {nfeature_symbol}(void) {{ return SETSUNA_N_FEATURE; }}
+
+static void setsuna_prologue(union Entry* data, int pred_margin, {leaf_type}* result) {{
+{prologue}
+}}
+
+static void setsuna_epilogue(union Entry* data, int pred_margin, {leaf_type}* result) {{
+{epilogue}
+}}
+
+static void setsuna_fill(const float* r, union Entry* row, {leaf_type}* result) {{
+  for (int j = 0; j < SETSUNA_N_FEATURE; ++j) {{
+    if (isnan(r[j])) {{
+      row[j].missing = -1;
+    }} else {{
+      row[j].fvalue = r[j];
+    }}
+  }}
+  for (int k = 0; k < SETSUNA_N_OUT; ++k) {{
+    result[k] = 0;
+  }}
+  setsuna_prologue(row, 0, result);
+}}
+
+static void setsuna_block(union Entry (*rows)[SETSUNA_N_FEATURE],
+                          {leaf_type} (*res)[SETSUNA_N_OUT], int m) {{
+{unit_loops}
+}}
+
+void {batch_symbol}(const float* x, int64_t n_rows, float* out) {{
+  int64_t cap = n_rows < SETSUNA_BLOCK ? n_rows : SETSUNA_BLOCK;
+  union Entry (*rows)[SETSUNA_N_FEATURE] = malloc(sizeof(*rows) * (size_t)(cap > 0 ? cap : 1));
+  {leaf_type} (*res)[SETSUNA_N_OUT] = malloc(sizeof(*res) * (size_t)(cap > 0 ? cap : 1));
+  if (rows == NULL || res == NULL) {{
+    free(rows);
+    free(res);
+    union Entry row[1][SETSUNA_N_FEATURE];
+    {leaf_type} result[1][SETSUNA_N_OUT];
+    for (int64_t i = 0; i < n_rows; ++i) {{
+      setsuna_fill(x + i * SETSUNA_N_FEATURE, row[0], result[0]);
+      setsuna_block(row, result, 1);
+      setsuna_epilogue(row[0], 0, result[0]);
+      out[i] = (float)result[0][SETSUNA_N_OUT - 1];
+    }}
+    return;
+  }}
+  for (int64_t s = 0; s < n_rows; s += cap) {{
+    int m = (int)(n_rows - s < cap ? n_rows - s : cap);
+    for (int i = 0; i < m; ++i) {{
+      setsuna_fill(x + (s + i) * SETSUNA_N_FEATURE, rows[i], res[i]);
+    }}
+    setsuna_block(rows, res, m);
+    for (int i = 0; i < m; ++i) {{
+      setsuna_epilogue(rows[i], 0, res[i]);
+      out[s + i] = (float)res[i][SETSUNA_N_OUT - 1];
+    }}
+  }}
+  free(rows);
+  free(res);
+}}
+"""
+_UNIT_CALL = re.compile(r"^\s*predict_unit(\d+)\(data, result\);\s*$")
+_PREDICT_DEF = "void predict(union Entry* data, int pred_margin,"
 
 
 def default_cache_dir() -> Path:
@@ -402,11 +488,21 @@ def _build_lleaves(source: Source, folder: Path, cache_dir: Path) -> Candidate:
     model_file = folder / LLEAVES_MODEL
     model_file.write_text(source.model.model_to_string())
     cpu, features = host_cpu()
-    key = _key(source.sha256, "lleaves", _version("lleaves"), _version("llvmlite"), cpu, features)
+    key = _key(
+        source.sha256,
+        "lleaves",
+        _version("lleaves"),
+        _version("llvmlite"),
+        cpu,
+        features,
+        f"fblocksize={LLEAVES_BLOCKSIZE}",
+    )
     cached = cache_dir / "lleaves" / f"{key}.o"
     if not cached.is_file():
         with _publishing(cached) as tmp:
-            lleaves.Model(model_file=str(model_file)).compile(cache=str(tmp))
+            lleaves.Model(model_file=str(model_file)).compile(
+                cache=str(tmp), fblocksize=LLEAVES_BLOCKSIZE
+            )
     shutil.copyfile(cached, folder / LLEAVES_OBJECT)
     return Candidate(
         name="lleaves",
@@ -423,6 +519,7 @@ def _build_lleaves(source: Source, folder: Path, cache_dir: Path) -> Candidate:
         container=None,
         notes=(
             f"lleaves {_version('lleaves')} / llvmlite {_version('llvmlite')}, float64, "
+            f"fblocksize {LLEAVES_BLOCKSIZE}, "
             f"machine code for CPU {cpu!r}: the loader refuses other CPUs"
         ),
     )
@@ -468,10 +565,15 @@ def _compile_tl2cgen(tmodel: treelite.Model, target: Path) -> None:
         params = {**TL2CGEN_PARAMS, "parallel_comp": n_files}
         with contextlib.redirect_stdout(io.StringIO()):  # tl2cgen prints progress
             tl2cgen.generate_c_code(tmodel, src, params=params)
-        (src / "setsuna_batch.c").write_text(_batch_source(tmodel))
-        recipe = json.loads((src / "recipe.json").read_text())
-        recipe["sources"].append({"name": "setsuna_batch", "length": 1})
-        (src / "recipe.json").write_text(json.dumps(recipe))
+        main_c = src / "main.c"
+        blocked = _blocked_source(tmodel, main_c.read_text())
+        if blocked is not None:  # main.c's statics and units are in scope there
+            main_c.write_text(main_c.read_text() + blocked)
+        else:
+            (src / "setsuna_batch.c").write_text(_batch_source(tmodel))
+            recipe = json.loads((src / "recipe.json").read_text())
+            recipe["sources"].append({"name": "setsuna_batch", "length": 1})
+            (src / "recipe.json").write_text(json.dumps(recipe))
         lib = tl2cgen.create_shared(
             "gcc",
             src,
@@ -492,9 +594,63 @@ def _batch_source(tmodel: treelite.Model) -> str:
     )
 
 
+def _split_predict(main_c: str) -> tuple[str, list[int], str] | None:
+    """tl2cgen's ``predict`` body as (prologue, unit numbers, epilogue), or None.
+
+    None when the generated code is not the expected shape (no unit calls, or
+    other statements between them): the caller then keeps the per-row loop.
+    """
+    start = main_c.find(_PREDICT_DEF)
+    if start < 0:
+        return None
+    open_at = main_c.find("{", start)
+    depth, i = 1, open_at + 1
+    while depth and i < len(main_c):
+        depth += {"{": 1, "}": -1}.get(main_c[i], 0)
+        i += 1
+    if depth:
+        return None
+    lines = main_c[open_at + 1 : i - 1].splitlines()
+    at = [k for k, line in enumerate(lines) if _UNIT_CALL.match(line)]
+    if not at or at != list(range(at[0], at[-1] + 1)):
+        return None
+    units = [int(m.group(1)) for k in at if (m := _UNIT_CALL.match(lines[k]))]
+    return "\n".join(lines[: at[0]]), units, "\n".join(lines[at[-1] + 1 :])
+
+
+def _blocked_source(tmodel: treelite.Model, main_c: str) -> str | None:
+    """The cache-blocked batch entry point to append to ``main_c``, if it applies."""
+    parts = _split_predict(main_c)
+    if parts is None:
+        return None
+    prologue, units, epilogue = parts
+    loops = "\n".join(
+        f"  for (int i = 0; i < m; ++i) {{ predict_unit{u}(rows[i], res[i]); }}" for u in units
+    )
+    return _BLOCKED_C.format(
+        n_feature=int(tmodel.num_feature),
+        leaf_type=_C_TYPES[str(tmodel.output_type)],
+        block=TL2CGEN_BLOCK_ROWS,
+        prologue=prologue,
+        epilogue=epilogue,
+        unit_loops=loops,
+        batch_symbol=TL2CGEN_BATCH_SYMBOL,
+        nfeature_symbol=TL2CGEN_NFEATURE_SYMBOL,
+    )
+
+
 def _build_tl2cgen(source: Source, folder: Path, cache_dir: Path) -> Candidate:
     tmodel = _treelite(source)
-    template = json.dumps([_BATCH_C, TL2CGEN_OPTIONS, TL2CGEN_TREES_PER_FILE, TL2CGEN_PARAMS])
+    template = json.dumps(
+        [
+            _BATCH_C,
+            _BLOCKED_C,
+            TL2CGEN_BLOCK_ROWS,
+            TL2CGEN_OPTIONS,
+            TL2CGEN_TREES_PER_FILE,
+            TL2CGEN_PARAMS,
+        ]
+    )
     key = _key(source.sha256, "tl2cgen", _version("tl2cgen"), _version("treelite"), template)
     cached = cache_dir / "tl2cgen" / f"{key}.so"
     if not cached.is_file():
@@ -510,7 +666,8 @@ def _build_tl2cgen(source: Source, folder: Path, cache_dir: Path) -> Candidate:
         container=None,
         notes=(
             f"tl2cgen {_version('tl2cgen')} (quantized thresholds, {tmodel.input_type}) + "
-            f"gcc -O3; one ctypes call per batch via {TL2CGEN_BATCH_SYMBOL}"
+            f"gcc -O3; one ctypes call per batch via {TL2CGEN_BATCH_SYMBOL}, tree units run "
+            f"over blocks of up to {TL2CGEN_BLOCK_ROWS} rows"
         ),
     )
 
