@@ -10,7 +10,7 @@ the in-process engine. Float32 tolerance: 1e-5 absolute on probabilities.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from build_engines import gate
-from build_engines.base import F32, Source
-from build_engines.build import build_model
+from build_engines.base import F32, Built, Converter, Source
+from build_engines.build import build_model, converter_for
 from build_engines.spec import ModelSpec
+from setsuna import manifest, runtime
 from setsuna.server import LocalTriton, ServerSettings, find_tritonserver, free_ports
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
@@ -48,6 +49,23 @@ def _tabular(n: int = 3000, seed: int = 3) -> tuple[F32, np.ndarray]:
     x = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
     y = (x[:, 0] + np.tanh(x[:, 1] * x[:, 2]) + 0.5 * rng.normal(size=n) > 0).astype(np.int8)
     return x, y
+
+
+def _only(keep: Callable[[str], bool]) -> Converter:
+    """The real converter, keeping only the candidates whose name passes ``keep``.
+
+    fp32 engines must match the source within float32 noise; INT8 engines
+    cannot, so which kind gets published must not be left to a timing race.
+    """
+
+    def convert(source: Source, workdir: Path, calib: F32) -> list[Built]:
+        return [b for b in converter_for(source)(source, workdir, calib) if keep(b.name)]
+
+    return convert
+
+
+FP32 = _only(lambda name: "int8" not in name)
+INT8 = _only(lambda name: name == "onnx-int8-static-keep-first")
 
 
 def _sources() -> dict[str, tuple[Source, F32]]:
@@ -95,6 +113,7 @@ def _sources() -> dict[str, tuple[Source, F32]]:
         "xgb": (from_xgboost(xgbm, name="xgb"), x[2000:]),
         "mlp": (from_torch(mlp, torch.zeros(1, N_FEATURES), name="mlp"), x[2000:]),
         "lstm": (from_torch(lstm, torch.zeros(1, 6, 4), name="lstm"), seqs),
+        "mlp_int8": (from_torch(mlp, torch.zeros(1, N_FEATURES), name="mlp_int8"), x[2000:]),
     }
 
 
@@ -105,10 +124,19 @@ def served(
     find_tritonserver()
     root = tmp_path_factory.mktemp("served")
     out: dict[str, Served] = {}
+    lax = gate.GateSettings(min_identical_decisions=0.5, latency_calls=20, batch_budget_s=0.01)
     for name, (source, x_valid) in _sources().items():
-        spec = ModelSpec(name=name, gate=FAST)
+        int8 = name == "mlp_int8"
+        spec = ModelSpec(name=name, gate=lax if int8 else FAST)
         result = build_model(
-            source, x_valid, spec, root / "repo", ("local",), root / "work", echo=False
+            source,
+            x_valid,
+            spec,
+            root / "repo",
+            ("local",),
+            root / "work",
+            echo=False,
+            converter=INT8 if int8 else FP32,
         )
         out[name] = Served(source, result.published["local"])
     # A tampered copy, not loaded at start: loading it later must fail.
@@ -175,6 +203,24 @@ def test_sequence_model_agrees_with_torch(served: Fixture, x: np.ndarray) -> Non
     np.testing.assert_allclose(
         _infer(server, "lstm", x), models["lstm"].source.reference(x), atol=ATOL, rtol=0
     )
+
+
+@HYPO
+@given(x=arrays(np.float32, st.tuples(st.integers(1, 16), st.just(N_FEATURES)), elements=finite))
+def test_int8_model_serves_exactly_what_the_gate_judged(served: Fixture, x: np.ndarray) -> None:
+    """INT8 is judged on decisions by the gate; Triton must then serve that very engine."""
+    server, models = served
+    folder = models["mlp_int8"].version_dir
+    m = manifest.verify(folder)
+    assert m.candidate == "onnx-int8-static-keep-first"
+    engine = runtime.load(m.engine, folder, m.engine_params)
+    np.testing.assert_allclose(_infer(server, "mlp_int8", x), engine.predict(x), atol=1e-6, rtol=0)
+
+
+def test_published_fp32_candidates_are_what_the_test_expects(served: Fixture) -> None:
+    _, models = served
+    published = {n: manifest.read(s.version_dir).candidate for n, s in models.items()}
+    assert not any("int8" in c for n, c in published.items() if n != "mlp_int8"), published
 
 
 def test_nan_to_a_model_that_forbids_it_is_refused_with_advice(served: Fixture) -> None:
