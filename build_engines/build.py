@@ -25,6 +25,9 @@ from setsuna.errors import GateError, InputError
 
 #: Share of the held-out rows used for INT8 calibration (the rest judge).
 CALIBRATION_SHARE = 0.2
+#: Survivors this much slower than the fastest still count as tied; among tied
+#: ones the most faithful wins. 5 % is about the run-to-run spread of a p50 here.
+SPEED_TIE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,28 @@ def choose(
     if not ok:
         return None
 
-    def speed(c: Candidate) -> float:
+    def cost(c: Candidate) -> float:  # lower is faster, for either profile
         f = figures[c.name]
-        v = f.p50_us if profile == "latency" else -f.rows_per_s_at_1024
+        v = f.p50_us if profile == "latency" else 1.0 / max(f.rows_per_s_at_1024, 1e-300)
         return v if math.isfinite(v) else math.inf
 
-    return min(ok, key=speed)
+    best = min(cost(c) for c in ok)
+    # Within timing noise of the fastest, prefer fidelity: never trade decisions for noise.
+    close = (
+        [c for c in ok if cost(c) <= best * (1.0 + SPEED_TIE_SHARE)] if math.isfinite(best) else ok
+    )
+    return min(
+        close,
+        key=lambda c: (
+            -figures[c.name].identical_decisions,
+            _finite_or_inf(figures[c.name].max_abs_diff),
+            cost(c),
+        ),
+    )
+
+
+def _finite_or_inf(v: float) -> float:
+    return v if math.isfinite(v) else math.inf
 
 
 @dataclass(frozen=True)

@@ -103,3 +103,14 @@ def test_a_candidate_whose_decisions_depend_on_batch_mates_is_rejected(tmp_path:
     f = gate.judge(cand, src, x, src.reference(x), FAST)
     assert not f.passed
     assert f.identical_decisions < 0.9  # alone, every row scores exactly 0.5
+
+
+def test_within_timing_noise_the_more_faithful_survivor_wins(tmp_path: Path) -> None:
+    cands = [logistic_candidate(tmp_path / n, W, 0.1, name=n) for n in ("int8", "fp32")]
+    figs = {
+        "int8": gate.Figures("int8", "x", 1e-2, 0.9994, 7.3, 8.0, 1.0, 2.9e6, 0.0, 1, True),
+        "fp32": gate.Figures("fp32", "x", 1e-7, 1.0, 7.4, 8.0, 1.0, 1.4e6, 0.0, 1, True),
+    }
+    assert choose(cands, figs, "local", "latency") is cands[1]  # 1.4 % slower: a tie
+    # Throughput: twice the rows/s is no tie, so speed decides.
+    assert choose(cands, figs, "local", "throughput") is cands[0]
