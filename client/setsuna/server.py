@@ -34,6 +34,7 @@ import functools
 import hashlib
 import importlib.util
 import ipaddress
+import json
 import os
 import re
 import resource
@@ -276,8 +277,10 @@ class ServerSettings:
         out = [
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self.models),
-            "--strict-readiness=true",
-            "--exit-on-error=true",
+            # One model failing to load must not take the others down: the server
+            # stays up and ready, and each model's own readiness says which failed.
+            "--strict-readiness=false",
+            "--exit-on-error=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--http-address={self.bind_address}",
             f"--http-port={self.http_port}",
@@ -479,11 +482,15 @@ def _port_in_use(address: str, port: int) -> bool:
 class LocalTriton:
     """The wheel's ``tritonserver`` as a child process, ready or an error.
 
-    ``start()`` returns once ``/v2/health/ready`` says yes; with strict
-    readiness that means every model in :attr:`ServerSettings.models` loaded.
-    If the process dies first, or ``ready_timeout_s`` passes, it raises
-    :class:`ServerError` with the tail of the log. The server runs in its own
-    process group so ``stop()`` also reaps the Python stub processes.
+    ``start()`` returns once ``/v2/health/ready`` says yes and every model in
+    :attr:`ServerSettings.models` has finished loading. A model that failed
+    does not stop the server (``--exit-on-error=false``): it lands in
+    :attr:`unavailable` with Triton's reason, the others serve, and
+    ``require_all_models=True`` (the default) turns any failure into a
+    :class:`ServerError` so programmatic users notice. If the process dies, or
+    ``ready_timeout_s`` passes, ``start()`` raises :class:`ServerError` with
+    the tail of the log. The server runs in its own process group so
+    ``stop()`` also reaps the Python stub processes.
     """
 
     def __init__(
@@ -493,6 +500,7 @@ class LocalTriton:
         ready_timeout_s: float = 120.0,
         log_path: Path | None = None,
         token: str | None = None,
+        require_all_models: bool = True,
     ) -> None:
         if not ready_timeout_s > 0:
             raise ConfigError(f"ready_timeout_s={ready_timeout_s}: give a positive number")
@@ -503,6 +511,9 @@ class LocalTriton:
         self._proc: subprocess.Popen[bytes] | None = None
         self._command: list[str] = []
         self.startup_s: float | None = None
+        self.require_all_models = require_all_models
+        #: Models that failed to load at start, with Triton's reason.
+        self.unavailable: dict[str, str] = {}
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -614,11 +625,46 @@ class LocalTriton:
         atexit.register(self.stop)
         try:
             self._wait_ready(began)
+            self.unavailable = self._failed_models()
+            if self.unavailable and self.require_all_models:
+                reasons = "; ".join(f"{m}: {r}" for m, r in self.unavailable.items())
+                raise ServerError(
+                    f"models failed to load: {reasons}. Fix or rebuild them "
+                    f"(make build-engines), or start without them; log {self._log_path}, "
+                    f"last lines:\n{self.log_tail()}"
+                )
         except BaseException:
             self.stop()
             raise
         self.startup_s = time.monotonic() - began
         return self
+
+    def _failed_models(self) -> dict[str, str]:
+        """Models asked for at start that are not ready, with the reason Triton gives.
+
+        Startup models are loaded before the endpoints open, so by the time the
+        server is ready each of them is READY or UNAVAILABLE for good.
+        """
+        wanted = set(self.settings.models)
+        if not wanted:
+            return {}
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        request = urllib.request.Request(
+            f"http://{self.http_url}/v2/repository/index",
+            data=b"{}",
+            headers={**self.admin_headers, "Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with opener.open(request, timeout=10.0) as resp:
+                index = json.loads(resp.read().decode())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ServerError(f"cannot read the model repository index: {exc}") from exc
+        return {
+            str(entry["name"]): str(entry.get("reason") or entry.get("state") or "not ready")
+            for entry in index
+            if entry.get("name") in wanted and entry.get("state") != "READY"
+        }
 
     def _wait_ready(self, began: float) -> None:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxies
@@ -772,7 +818,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_verbose=args.log_verbose,
             exit_timeout_s=args.exit_timeout_s,
         )
-        server = LocalTriton(settings, ready_timeout_s=args.ready_timeout_s, log_path=args.log_file)
+        server = LocalTriton(
+            settings,
+            ready_timeout_s=args.ready_timeout_s,
+            log_path=args.log_file,
+            require_all_models=False,  # serve what loaded; the banner names what did not
+        )
     except ConfigError as exc:
         print(f"setsuna.server: {exc}", file=sys.stderr)
         return 2
@@ -823,6 +874,8 @@ def _print_banner(server: LocalTriton) -> None:
         "Press Ctrl-C to stop.",
         flush=True,
     )
+    for model, reason in server.unavailable.items():
+        print(f"  NOT SERVING {model}: {reason}", flush=True)
 
 
 if __name__ == "__main__":

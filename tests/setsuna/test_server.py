@@ -193,16 +193,33 @@ def test_server_not_reachable_beyond_bind_address(server: LocalTriton) -> None:
     assert all(server.admin_token not in part for part in server.command)
 
 
-def test_broken_model_fails_start_with_log_tail(tmp_path: Path) -> None:
-    """With explicit load and --exit-on-error, 2.51 exits 1 when a listed model fails."""
+def test_broken_model_fails_start_when_all_are_required(tmp_path: Path) -> None:
     _model(tmp_path / "repo", "broken", BROKEN_PY)
     srv = LocalTriton(_settings(tmp_path / "repo"), log_path=tmp_path / "triton.log")
     with pytest.raises(ServerError, match="broken-model-sentinel") as info:
         srv.start()
-    assert "exited with status 1" in str(info.value)
-    assert "load failed for model 'broken'" in str(info.value)
+    assert "models failed to load: broken" in str(info.value)
     assert not srv.running
     srv.stop()  # idempotent after a failed start
+
+
+def test_a_broken_model_leaves_the_others_serving_and_readiness_says_which(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    _model(repo, "broken", BROKEN_PY)
+    _model(repo, "identity", IDENTITY_PY)
+    srv = LocalTriton(_settings(repo), log_path=tmp_path / "triton.log", require_all_models=False)
+    with srv:
+        assert set(srv.unavailable) == {"broken"}
+        assert "broken-model-sentinel" in srv.unavailable["broken"]
+        with httpclient.InferenceServerClient(srv.http_url) as client:
+            assert client.is_server_ready()
+            assert client.is_model_ready("identity")
+            assert not client.is_model_ready("broken")
+            inp = httpclient.InferInput("features", list(BATCH.shape), "FP32")
+            inp.set_data_from_numpy(BATCH)
+            np.testing.assert_array_equal(client.infer("identity", [inp]).as_numpy("score"), BATCH)
 
 
 def test_port_in_use_is_refused_before_starting(server: LocalTriton) -> None:
@@ -270,8 +287,8 @@ def test_settings_defaults_and_flags(repo: Path) -> None:
         "--model-control-mode=explicit",
         "--load-model=m1",
         "--load-model=m2",
-        "--strict-readiness=true",
-        "--exit-on-error=true",
+        "--strict-readiness=false",
+        "--exit-on-error=false",
         "--exit-timeout-secs=5",
         "--http-address=127.0.0.1",
         "--http-port=8000",
