@@ -11,7 +11,7 @@ STAMP := $(VENV)/.setsuna-installed
 REPO ?= model_repository
 BUILD_FLAGS ?=
 
-.PHONY: install build-engines serve stop demo test lint perf up down clean
+.PHONY: install build-engines serve stop demo test lint perf up down compose-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,11 +49,18 @@ perf: $(STAMP)
 	$(PY) perf/engines.py
 
 ## Container target (needs Docker and the NGC image; not available on CI machines).
+## GPU=1 adds the GPU reservation; SETSUNA_ADMIN_TOKEN must be set.
+COMPOSE_FILES := -f docker-compose.yml $(if $(GPU),-f docker-compose.gpu.yml)
 up:
-	docker compose up -d
+	docker compose $(COMPOSE_FILES) up -d
 
 down:
-	docker compose down
+	docker compose $(COMPOSE_FILES) down
+
+## Validate the compose files (Debian's docker-compose needs no Docker engine).
+compose-check:
+	SETSUNA_ADMIN_TOKEN=$${SETSUNA_ADMIN_TOKEN:-compose-check-token} \
+		docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
 
 clean:
 	rm -rf $(REPO)/local $(REPO)/container .cache/build

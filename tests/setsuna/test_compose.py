@@ -1,0 +1,89 @@
+"""docker-compose.yml and `make serve` run Triton from one source of flags."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from setsuna.compose import CONTAINER_REPOSITORY, IMAGE, container_command
+from setsuna.server import ServerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_compose_command_is_generated_from_server_settings() -> None:
+    triton = _compose()["services"]["triton"]
+    assert triton["command"] == container_command(), (
+        "docker-compose.yml drifted from ServerSettings: regenerate its command with "
+        "`python -m setsuna.compose`"
+    )
+
+
+def test_container_and_local_share_every_flag_but_the_container_specific_ones(
+    tmp_path: Path,
+) -> None:
+    local = ServerSettings(tmp_path, load_models=()).flags(token="t", max_input_size_flag=False)
+    container = [f for f in container_command() if f.startswith("--")]
+    differ = {
+        "--http-address",
+        "--grpc-address",
+        "--metrics-address",
+        "--load-model",
+        "--model-repository",
+        "--http-restricted-api",
+        "--grpc-restricted-protocol",
+    }
+    assert {f for f in local if f.split("=")[0] not in differ} == {
+        f for f in container if f.split("=")[0] not in differ
+    }
+
+
+def test_image_is_pinned_ports_are_loopback_and_repository_is_mounted() -> None:
+    services = _compose()["services"]
+    assert services["triton"]["image"] == IMAGE
+    for service in services.values():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), port
+    assert (
+        f"./model_repository/container:{CONTAINER_REPOSITORY}:ro" in services["triton"]["volumes"]
+    )
+    assert "healthcheck" in services["triton"] and "healthcheck" in services["prometheus"]
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["triton:8002"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_config_validates_and_requires_the_token() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SETSUNA_ADMIN_TOKEN"}
+    files = ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]
+    missing = subprocess.run(
+        ["docker-compose", *files, "config", "-q"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode != 0 and "SETSUNA_ADMIN_TOKEN_must_be_set" in missing.stderr
+    env["SETSUNA_ADMIN_TOKEN"] = "a-token-of-sixteen-chars"
+    ok = subprocess.run(
+        ["docker-compose", *files, "config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "a-token-of-sixteen-chars" in ok.stdout and "capabilities" in ok.stdout
