@@ -105,6 +105,7 @@ def build_config(
     db.max_queue_delay_microseconds = s.max_queue_delay_us
     db.default_queue_policy.max_queue_size = s.max_queue_size
     db.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    db.default_queue_policy.default_timeout_microseconds = s.queue_timeout_us
     cfg.response_cache.enable = s.response_cache
     cfg.version_policy.latest.num_versions = s.num_versions
     warm = cfg.model_warmup.add(name="one_row_zeros", batch_size=1)

@@ -31,9 +31,16 @@ class ServingSpec:
     max_queue_delay_us: int = 100
     #: Requests queued beyond this are rejected at once instead of waiting (bounded queue).
     max_queue_size: int = 4096
+    #: A request still queued after this long is rejected: a stale prediction is worse
+    #: than a fast refusal the caller can act on. 0 waits forever.
+    queue_timeout_us: int = 50_000
     cpu_instances: int = 2
     gpu_instances: int = 1
-    response_cache: bool = True
+    #: Off by default: Triton 2.51 caches a Python-backend *error* response as an
+    #: empty success, so a request refused once (NaN, say) "succeeds" with no
+    #: output when repeated (measured; tests/setsuna/test_serving_faults.py).
+    #: Turn it on only where a model can never refuse an input.
+    response_cache: bool = False
     #: Versions Triton keeps loaded (version_policy latest).
     num_versions: int = 1
 
@@ -47,6 +54,8 @@ class ServingSpec:
             )
         if self.max_queue_delay_us < 0:
             raise ConfigError("max_queue_delay_us must be >= 0 (0 batches only what is queued)")
+        if self.queue_timeout_us < 0:
+            raise ConfigError("queue_timeout_us must be >= 0 (0 means no timeout)")
         if self.max_queue_size < 1:
             raise ConfigError("max_queue_size must be >= 1: an unbounded queue hides overload")
         if self.cpu_instances < 1 or self.gpu_instances < 1 or self.num_versions < 1:

@@ -47,8 +47,12 @@ class TritonPythonModel:
                 batches.append(self.schema.check(raw))
                 owners.append(i)
             except InputError as exc:
+                # INVALID_ARG: HTTP 400 / gRPC INVALID_ARGUMENT, the client's fault.
                 responses[i] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"{self.manifest.model}: {exc}")
+                    error=pb_utils.TritonError(
+                        f"{self.manifest.model}: input '{INPUT_NAME}': {exc}",
+                        pb_utils.TritonError.INVALID_ARG,
+                    )
                 )
         if batches:
             x = batches[0] if len(batches) == 1 else np.concatenate(batches)

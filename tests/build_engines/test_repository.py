@@ -46,6 +46,10 @@ def _build(tmp_path: Path, b: float = 0.0, **serving: object) -> Path:
 
 def test_both_targets_parse_under_tritons_schema(tmp_path: Path) -> None:
     repo = _build(tmp_path, max_queue_delay_us=250, cpu_instances=3)
+    cached = _build(tmp_path / "cached", response_cache=True)
+    assert parse_config(
+        (cached / "local" / "logit" / CONFIG_NAME).read_text()
+    ).response_cache.enable
     local = parse_config((repo / "local" / "logit" / CONFIG_NAME).read_text())
     container = parse_config((repo / "container" / "logit" / CONFIG_NAME).read_text())
     assert local.backend == "python" and not local.platform
@@ -57,9 +61,12 @@ def test_both_targets_parse_under_tritons_schema(tmp_path: Path) -> None:
         assert [o.name for o in cfg.output] == ["score"] and list(cfg.output[0].dims) == [1]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
         assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 4096
+        policy = cfg.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert policy.default_timeout_microseconds == 50_000
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert cfg.instance_group[0].count == 3
-        assert cfg.response_cache.enable
+        assert not cfg.response_cache.enable  # off: 2.51 caches error responses
         assert cfg.version_policy.latest.num_versions == 1
         assert cfg.model_warmup[0].inputs["features"].zero_data
 
@@ -98,6 +105,7 @@ def test_a_config_the_schema_rejects_names_the_field() -> None:
         {"max_queue_size": 0},
         {"max_queue_delay_us": -1},
         {"cpu_instances": 0},
+        {"queue_timeout_us": -5},
     ],
 )
 def test_bad_serving_settings_are_refused(serving: dict[str, object]) -> None:
