@@ -38,39 +38,60 @@ class TritonPythonModel:
         self.engine = runtime.load(self.manifest.engine, folder, self.manifest.engine_params)
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        # Triton has already enforced dtype and dims from config.pbtxt; what it
+        # cannot know is the NaN policy. So: stack once, check finiteness once
+        # over the whole batch, and only on a hit find which requests own the
+        # bad rows. Per request there is a tensor fetch and a response, nothing more.
+        arrays = [pb_utils.get_input_tensor_by_name(r, INPUT_NAME).as_numpy() for r in requests]
         responses: list[Any] = [None] * len(requests)
-        batches: list[npt.NDArray[np.float32]] = []
-        owners: list[int] = []
-        for i, request in enumerate(requests):
-            raw = pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy()
-            try:
-                batches.append(self.schema.check(raw))
-                owners.append(i)
-            except InputError as exc:
-                # INVALID_ARG: HTTP 400 / gRPC INVALID_ARGUMENT, the client's fault.
-                responses[i] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(
-                        f"{self.manifest.model}: input '{INPUT_NAME}': {exc}",
-                        pb_utils.TritonError.INVALID_ARG,
-                    )
-                )
-        if batches:
-            x = batches[0] if len(batches) == 1 else np.concatenate(batches)
-            try:
-                y = self.engine.predict(x)
-            except Exception as exc:  # an engine failure fails its requests, visibly
-                err = pb_utils.TritonError(f"{self.manifest.model}: engine failed: {exc}")
-                for i in owners:
-                    responses[i] = pb_utils.InferenceResponse(error=err)
-                return responses
-            start = 0
-            for i, b in zip(owners, batches, strict=True):
-                part = y[start : start + len(b)]
-                start += len(b)
-                responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(OUTPUT_NAME, part)]
-                )
+        bad = self._non_finite_requests(arrays)
+        for i in bad:
+            responses[i] = self._refusal(arrays[i])
+        keep = [i for i in range(len(requests)) if i not in bad]
+        if not keep:
+            return responses
+        parts = [arrays[i] for i in keep]
+        x = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        try:
+            y = self.engine.predict(x)
+        except Exception as exc:  # an engine failure fails its requests, visibly
+            err = pb_utils.TritonError(f"{self.manifest.model}: engine failed: {exc}")
+            for i in keep:
+                responses[i] = pb_utils.InferenceResponse(error=err)
+            return responses
+        start = 0
+        for i, part in zip(keep, parts, strict=True):
+            stop = start + len(part)
+            responses[i] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(OUTPUT_NAME, y[start:stop])]
+            )
+            start = stop
         return responses
+
+    def _non_finite_requests(self, arrays: list[npt.NDArray[np.float32]]) -> set[int]:
+        """Indices of requests holding a NaN/±inf row, when the manifest forbids them."""
+        if self.schema.allow_nan:
+            return set()
+        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if finite.all():
+            return set()
+        ends = np.cumsum([len(a) for a in arrays])
+        return {int(i) for i in np.searchsorted(ends, np.flatnonzero(~finite), side="right")}
+
+    def _refusal(self, raw: npt.NDArray[np.float32]) -> Any:
+        """INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) with the schema's own message."""
+        try:
+            self.schema.check(raw)
+            message = "rejected"  # unreachable: the caller found a non-finite value
+        except InputError as exc:
+            message = str(exc)
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(
+                f"{self.manifest.model}: input '{INPUT_NAME}': {message}",
+                pb_utils.TritonError.INVALID_ARG,
+            )
+        )
 
     def finalize(self) -> None:
         self.engine = None  # type: ignore[assignment]

@@ -362,3 +362,21 @@ def test_readiness_statistics_and_metrics_respond(server: Fixture) -> None:
     with opener.open(srv.metrics_url, timeout=5) as resp:
         text = resp.read().decode()
     assert 'nv_inference_request_success{model="logit",version="1"}' in text
+
+
+def test_a_nan_request_fails_alone_among_concurrent_good_ones(server: Fixture) -> None:
+    srv, _ = server
+    rows = np.random.default_rng(3).normal(size=(32, 1, 5)).astype(np.float32)
+    rows[::4, 0, 1] = np.nan  # every 4th request carries a NaN
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_grpc_infer, srv, "logit", r) for r in rows]
+        for i, fut in enumerate(futures):
+            if i % 4 == 0:
+                with pytest.raises(InferenceServerException, match="allow_nan"):
+                    fut.result(timeout=30)
+            else:
+                z = rows[i] @ W
+                expected = 1.0 / (1.0 + np.exp(-z))
+                np.testing.assert_allclose(
+                    fut.result(timeout=30).as_numpy("score")[:, 0], expected, atol=1e-6
+                )
