@@ -6,12 +6,13 @@ PY := $(VENV)/bin/python
 # These machines carry a CPU build of torch 2.13.0 on local disk; elsewhere
 # set TORCH_SPEC to the build you want (a bare "torch" pulls CUDA wheels).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= build,serve,torch,test,dev
+EXTRAS ?= build,serve,torch,test,dev,perf
 STAMP := $(VENV)/.setsuna-installed
 REPO ?= model_repository
 BUILD_FLAGS ?=
+PERF_FLAGS ?=
 
-.PHONY: install build-engines serve stop demo test lint perf up down compose-check clean
+.PHONY: install build-engines serve stop demo test lint perf perf-setup perf-peers up down compose-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +46,40 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-perf: $(STAMP)
+## perf_analyzer from the tritonclient 2.47.0 wheel (+ libb64-0d, libcudart) into .cache/perf_analyzer.
+perf-setup: $(STAMP)
+	PY=$(PY) bash perf/setup_perf_analyzer.sh
+
+## Engine benchmark, then the Triton config sweep (needs `make build-engines`; ~10-15 min):
+## writes .cache/perf/ and merges the chosen settings into perf/tuned.json.
+perf: $(STAMP) perf-setup
 	$(PY) perf/engines.py
+	test -f $(REPO)/local/lightgbm/config.pbtxt || $(MAKE) build-engines
+	$(PY) -m perf.triton --model-repository $(REPO)/local $(PERF_FLAGS)
+
+# Peer servers for perf-peers live in their own venv, never in $(VENV) nor CI.
+# mlserver 1.7.1 needs fastapi<0.116 and ray[serve]>=2.56 needs a newer one
+# (pip then backtracks through ~75 MB ray wheels): ray is pinned below 2.56.
+# uvloop 0.22+ raises in MLServer's inference workers (get_event_loop).
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.setsuna-peers-installed
+PEERS_SPECS := "mlserver>=1.7.1" "mlserver-lightgbm>=1.7.1" "ray[serve]>=2.55.1,<2.56" \
+	"fastapi>=0.115,<0.116" "uvicorn>=0.30" "uvloop>=0.19,<0.22" "nvidia-pytriton>=0.7" \
+	"lightgbm>=4.3" "onnxruntime>=1.18" "numpy>=1.24,<2" "aiohttp>=3.9" "httpx>=0.27" \
+	"psutil>=5.9"
+PEERS_FLAGS ?=
+
+$(PEERS_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install -q --upgrade pip
+	$(PEERS_PY) -m pip install -q -e ".[build,serve]" $(PEERS_SPECS)
+	touch $@
+
+## The same LightGBM model behind setsuna, PyTriton, MLServer, Ray Serve, FastAPI (~8 min, not CI).
+perf-peers: $(PEERS_STAMP)
+	test -f $(REPO)/local/lightgbm/config.pbtxt || $(MAKE) build-engines
+	$(PEERS_PY) -m perf.peers --model-repository $(REPO)/local $(PEERS_FLAGS)
 
 ## Container target (needs Docker and the NGC image; not available on CI machines).
 ## GPU=1 adds the GPU reservation; SETSUNA_ADMIN_TOKEN must be set.

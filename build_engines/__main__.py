@@ -16,7 +16,8 @@ from pathlib import Path
 from build_engines.base import F32, TARGETS, Source, Target
 from build_engines.build import build_model
 from build_engines.gate import GateSettings
-from build_engines.spec import ModelSpec
+from build_engines.spec import ModelSpec, ServingSpec
+from build_engines.tuned import TUNED_PATH, load_tuned
 from setsuna.errors import ConfigError, GateError, SetsunaError
 
 _Loader = Callable[[], tuple[Source, F32]]
@@ -64,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-identical-decisions", type=float, default=0.999)
     p.add_argument("--profile", choices=("latency", "throughput"), default="latency")
+    p.add_argument(
+        "--tuned",
+        type=Path,
+        default=TUNED_PATH,
+        help="serving settings chosen by `make perf` (defaults when missing)",
+    )
+    p.add_argument("--no-tuned", action="store_true", help="ignore --tuned: default settings")
     return p
 
 
@@ -73,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     try:
         gate_settings = GateSettings(min_identical_decisions=args.min_identical_decisions)
+        tuned = {} if args.no_tuned else load_tuned(args.tuned)
         jobs = _jobs(args)
         for name, load in jobs:
-            spec = ModelSpec(name=name, profile=args.profile, gate=gate_settings)
+            serving = tuned.get(name, ServingSpec())
+            spec = ModelSpec(name=name, profile=args.profile, gate=gate_settings, serving=serving)
             source, x_valid = load()
             try:
                 result = build_model(source, x_valid, spec, args.out, targets, args.workdir)

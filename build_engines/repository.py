@@ -100,12 +100,13 @@ def build_config(
     )
     cfg.output.append(mc.ModelOutput(name=out_name, data_type=mc.TYPE_FP32, dims=out_dims))
     cfg.instance_group.append(mc.ModelInstanceGroup(kind=kind, count=count))
-    db = cfg.dynamic_batching
-    db.preferred_batch_size.extend(s.preferred_batch_sizes)
-    db.max_queue_delay_microseconds = s.max_queue_delay_us
-    db.default_queue_policy.max_queue_size = s.max_queue_size
-    db.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
-    db.default_queue_policy.default_timeout_microseconds = s.queue_timeout_us
+    if s.dynamic_batching:
+        db = cfg.dynamic_batching
+        db.preferred_batch_size.extend(s.preferred_batch_sizes)
+        db.max_queue_delay_microseconds = s.max_queue_delay_us
+        db.default_queue_policy.max_queue_size = s.max_queue_size
+        db.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
+        db.default_queue_policy.default_timeout_microseconds = s.queue_timeout_us
     cfg.response_cache.enable = s.response_cache
     cfg.version_policy.latest.num_versions = s.num_versions
     warm = cfg.model_warmup.add(name="one_row_zeros", batch_size=1)

@@ -25,6 +25,9 @@ class ServingSpec:
     """What goes into ``config.pbtxt`` besides the tensors."""
 
     max_batch_size: int = 1024
+    #: Off serves each request as it comes (one execute per request): lowest
+    #: latency at c=1, no help under concurrency. make perf measures both.
+    dynamic_batching: bool = True
     #: Batches the dynamic batcher tries to form; each must be <= max_batch_size.
     preferred_batch_sizes: tuple[int, ...] = (8, 32, 128)
     #: How long the batcher may hold the first request waiting for company.

@@ -88,3 +88,37 @@ def test_bad_arguments_exit_2_with_advice(
 ) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_tuned_settings_reach_the_written_config(
+    model_file: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from build_engines.repository import CONFIG_NAME, parse_config
+    from build_engines.tuned import write_tuned
+
+    model, rows = model_file
+    tuned = write_tuned(
+        tmp_path / "tuned.json",
+        {"alpha": {"serving": {"dynamic_batching": False, "cpu_instances": 3}}},
+    )
+    argv = [
+        "--model",
+        str(model),
+        "--name",
+        "alpha",
+        "--valid-rows",
+        str(rows),
+        "--target",
+        "local",
+        "--out",
+        str(tmp_path / "repo"),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    assert main([*argv, "--tuned", str(tuned)]) == 0
+    cfg = parse_config((tmp_path / "repo" / "local" / "alpha" / CONFIG_NAME).read_text())
+    assert not cfg.HasField("dynamic_batching")
+    assert cfg.instance_group[0].count == 3
+    assert main([*argv, "--tuned", str(tuned), "--no-tuned"]) == 0
+    cfg = parse_config((tmp_path / "repo" / "local" / "alpha" / CONFIG_NAME).read_text())
+    assert cfg.HasField("dynamic_batching") and cfg.instance_group[0].count == 2

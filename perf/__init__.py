@@ -1,0 +1,1 @@
+"""Measurement scripts (``python -m perf.triton``, ``perf/engines.py``); not shipped."""

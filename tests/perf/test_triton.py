@@ -1,0 +1,201 @@
+"""perf/triton.py and build_engines/tuned.py: variants, the choice rule, tuned.json.
+
+The choice is tested on hand-made results (the rule, not the host's speed);
+one end-to-end sweep runs a tiny logistic model through the real pipeline,
+the real tritonserver and the real perf_analyzer, and reads the tuned file
+back the way the builder does (skipped without perf_analyzer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_engines import gate
+from build_engines.base import F32, Built, Source
+from build_engines.build import build_model
+from build_engines.repository import CONFIG_NAME, parse_config
+from build_engines.spec import ModelSpec, ServingSpec
+from build_engines.tuned import apply_knobs, load_tuned, spec_has, tuned_knobs, write_tuned
+from perf import perf_analyzer as pa
+from perf import triton
+from setsuna.errors import ConfigError
+from tests.helpers import logistic_candidate, logistic_source
+
+W = np.random.default_rng(2).normal(size=6).astype(np.float32)
+
+
+def _run(variant: str, c: int, rate: float, p99_ms: float, *, ok: bool = True) -> pa.RunResult:
+    spec = pa.RunSpec(variant, "127.0.0.1:1", "grpc", concurrency=c, input_data=Path("rows.json"))
+    row = pa.LatencyRow(c, rate, p99_ms * 400, p99_ms * 700, p99_ms * 800, p99_ms * 1000)
+    if not ok:
+        return pa.RunResult(spec, "failed", 1, 1.0, message="boom")
+    return pa.RunResult(spec, "ok", 0, 1.0, row)
+
+
+def _result(v: triton.Variant, *points: tuple[int, float, float]) -> triton.VariantResult:
+    return triton.VariantResult(v, [_run(v.name, c, rate, p99) for c, rate, p99 in points])
+
+
+VARIANTS = {v.name: v for v in triton.make_variants()}
+
+
+def test_variants_cover_the_knobs_and_start_with_default() -> None:
+    vs = triton.make_variants()
+    assert vs[0].name == "default" and vs[0].serving == ServingSpec()
+    knobs = [json.dumps(v.knobs(), sort_keys=True) for v in vs]
+    assert len(set(knobs)) == len(knobs)  # no duplicate configs
+    assert {v.serving.cpu_instances for v in vs} >= {1, 2, 4}
+    assert {v.serving.max_queue_delay_us for v in vs if v.dynamic_batching} >= {0, 100, 500}
+    assert any(not v.dynamic_batching for v in vs)
+    assert any(v.serving.response_cache for v in vs)
+    assert any(v.serving.preferred_batch_sizes == () for v in vs)
+
+
+def test_highest_throughput_within_budget_wins() -> None:
+    a = _result(VARIANTS["db0-2i"], (1, 2000, 0.8), (4, 5000, 1.9), (32, 9000, 12))
+    b = _result(VARIANTS["db500-2i"], (1, 1500, 1.0), (4, 4000, 1.5), (32, 9500, 10))
+    choice = triton.choose([a, b], "grpc", 2000)
+    assert choice.variant is a and choice.budget_met
+    assert choice.point is not None and choice.point.spec.concurrency == 4
+
+
+def test_ties_go_to_the_lowest_single_request_p99() -> None:
+    a = _result(VARIANTS["db0-2i"], (1, 2000, 1.2), (4, 5000, 1.9))
+    b = _result(VARIANTS["db500-2i"], (1, 1800, 0.9), (4, 4900, 1.9))  # within 5 %
+    choice = triton.choose([a, b], "grpc", 2000)
+    assert choice.variant is b and "tied" in choice.why
+
+
+def test_cache_and_inexpressible_variants_are_not_eligible() -> None:
+    cache = _result(VARIANTS["db100-2i-cache"], (1, 9000, 0.2))
+    off = _result(VARIANTS["nobatch-2i"], (1, 8000, 0.3))
+    default = _result(VARIANTS["default"], (1, 1000, 1.0))
+    choice = triton.choose([default, cache, off], "grpc", 2000)
+    assert "db100-2i-cache" in choice.not_eligible
+    if spec_has("dynamic_batching"):
+        assert choice.variant is off
+    else:
+        assert choice.variant is default and "nobatch-2i" in choice.not_eligible
+    allowed = triton.choose([default, cache], "grpc", 2000, allow_cache=True)
+    assert allowed.variant is cache
+
+
+def test_nothing_within_budget_falls_back_to_lowest_latency() -> None:
+    a = _result(VARIANTS["db0-2i"], (1, 2000, 3.0))
+    b = _result(VARIANTS["db500-2i"], (1, 1500, 2.5))
+    choice = triton.choose([a, b], "grpc", 2000)
+    assert choice.variant is b and not choice.budget_met
+
+
+def test_failed_runs_do_not_count() -> None:
+    v = VARIANTS["db0-2i"]
+    vr = triton.VariantResult(v, [_run(v.name, 1, 99999, 0.1, ok=False)])
+    choice = triton.choose([vr], "grpc", 2000)
+    assert choice.variant is None and choice.not_eligible == {"db0-2i": "no successful run"}
+
+
+# --------------------------------------------------------------------------- tuned.json
+
+
+def test_tuned_round_trip_overrides_only_the_knobs(tmp_path: Path) -> None:
+    base = dataclasses.replace(ServingSpec(), max_queue_size=77)
+    chosen = dataclasses.replace(
+        ServingSpec(), max_queue_delay_us=0, preferred_batch_sizes=(), cpu_instances=1
+    )
+    path = tmp_path / "tuned.json"
+    write_tuned(path, {"a": {"serving": tuned_knobs(chosen), "note": "x"}}, date="today")
+    write_tuned(path, {"b": {"serving": tuned_knobs(ServingSpec())}})  # merges, keeps "a"
+    got = load_tuned(path, base=base)
+    assert set(got) == {"a", "b"}
+    assert got["a"] == dataclasses.replace(chosen, max_queue_size=77)
+    assert got["b"] == base
+    assert load_tuned(tmp_path / "missing.json") == {}
+
+
+def test_tuned_refuses_what_it_cannot_build(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown serving knobs"):
+        apply_knobs({"max_batch_size": 8}, ServingSpec())
+    with pytest.raises(ConfigError, match="integer"):
+        apply_knobs({"cpu_instances": "2"}, ServingSpec())
+    with pytest.raises(ConfigError, match="cpu_instances"):
+        apply_knobs({"cpu_instances": 0}, ServingSpec())  # the spec's own validation
+    if not spec_has("dynamic_batching"):
+        with pytest.raises(ConfigError, match="dynamic_batching"):
+            apply_knobs({"dynamic_batching": False}, ServingSpec())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": 99, "models": {}}))
+    with pytest.raises(ConfigError, match="format"):
+        load_tuned(bad)
+
+
+# --------------------------------------------------------------------------- real models
+
+
+def _build(tmp_path: Path) -> Path:
+    def convert(source: Source, workdir: Path, calib: F32) -> list[Built]:
+        return [logistic_candidate(workdir / "onnx", W, 0.0)]
+
+    x = np.random.default_rng(3).normal(size=(600, len(W))).astype(np.float32)
+    spec = ModelSpec("logit", gate=gate.GateSettings(latency_calls=20, batch_budget_s=0.01))
+    build_model(
+        logistic_source(W, 0.0),
+        x,
+        spec,
+        tmp_path / "repo",
+        ("local",),
+        tmp_path / "work",
+        converter=convert,
+        echo=False,
+    )
+    return tmp_path / "repo" / "local"
+
+
+def test_variant_configs_differ_only_in_serving(tmp_path: Path) -> None:
+    repo = _build(tmp_path)
+    model = triton.ServedModel.load(repo, "logit")
+    default = parse_config(model.config_text(VARIANTS["default"]))
+    assert default == parse_config((repo / "logit" / CONFIG_NAME).read_text())
+    off = parse_config(model.config_text(VARIANTS["nobatch-1i"]))
+    assert not off.HasField("dynamic_batching") and off.instance_group[0].count == 1
+    for cfg in (default, off):
+        cfg.ClearField("dynamic_batching")
+        cfg.ClearField("instance_group")
+    assert default == off
+
+
+def test_end_to_end_quick_sweep_writes_tuned_file(tmp_path: Path) -> None:
+    try:
+        pa.locate().version()
+    except pa.PerfAnalyzerError as exc:
+        pytest.skip(f"perf_analyzer not set up ({exc})")
+    repo = _build(tmp_path)
+    out, tuned = tmp_path / "out", tmp_path / "tuned.json"
+    rc = triton.main(
+        [
+            f"--model-repository={repo}",
+            "--models=logit",
+            "--variants=default,db0-2i",
+            "--concurrency=1,4",
+            "--window-ms=200",
+            "--max-trials=6",
+            "--budget-ms=logit=50",
+            f"--out={out}",
+            f"--tuned={tuned}",
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    (m,) = doc["models"]
+    assert [v["name"] for v in m["variants"]] == ["default", "db0-2i"]
+    assert m["choice"]["budget_met"] and m["choice"]["variant"] in ("default", "db0-2i")
+    assert "synthetic" in m["input"]["origin"]  # no example data set has 6 features
+    assert "## logit" in (out / "report.md").read_text()
+    specs = load_tuned(tuned)
+    assert specs["logit"].cpu_instances == 2
+    want = 0 if m["choice"]["variant"] == "db0-2i" else ServingSpec().max_queue_delay_us
+    assert specs["logit"].max_queue_delay_us == want
