@@ -38,7 +38,7 @@ stop:
 demo: build-engines
 	$(PY) -m build_engines.demo --model-repository $(REPO)/local
 
-test: $(STAMP)
+test: $(STAMP) perf-setup
 	$(PY) -m pytest
 
 lint: $(STAMP)
