@@ -270,14 +270,18 @@ def test_a_stale_queued_request_times_out(server: Fixture) -> None:
 
 def _wait_pending(srv: LocalTriton, model: str, n: int) -> None:
     """Poll the pending-request gauge until ``n`` requests are queued (bounded)."""
+    _wait_metric(srv, f'nv_inference_pending_request_count{{model="{model}",version="1"}} {n}')
+
+
+def _wait_metric(srv: LocalTriton, needle: str) -> None:
+    """Metrics refresh on Triton's own interval: poll (bounded) until ``needle`` shows."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    needle = f'nv_inference_pending_request_count{{model="{model}",version="1"}} {n}'
     for _ in range(300):
         with opener.open(srv.metrics_url, timeout=5) as resp:
             if needle in resp.read().decode():
                 return
         select.select([], [], [], 0.05)  # wait for the next metrics refresh
-    raise AssertionError(f"{model} never had {n} pending requests")
+    raise AssertionError(f"{needle} never appeared in {srv.metrics_url}")
 
 
 ADMIN_HTTP = [
@@ -358,10 +362,7 @@ def test_readiness_statistics_and_metrics_respond(server: Fixture) -> None:
         stats = client.get_inference_statistics("logit")
         assert int(stats["model_stats"][0]["inference_count"]) >= 3
         assert client.get_model_config("logit")["max_batch_size"] == 1024
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(srv.metrics_url, timeout=5) as resp:
-        text = resp.read().decode()
-    assert 'nv_inference_request_success{model="logit",version="1"}' in text
+    _wait_metric(srv, 'nv_inference_request_success{model="logit",version="1"}')
 
 
 def test_a_nan_request_fails_alone_among_concurrent_good_ones(server: Fixture) -> None:

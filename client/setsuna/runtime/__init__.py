@@ -40,6 +40,8 @@ _LOADERS: dict[str, str] = {
     # treelite's reference interpreter: judges FIL candidates, never served.
     "gtil": "setsuna.runtime.trees:load_gtil",
     "tensorrt": "setsuna.runtime.tensorrt:load",
+    # two of the above, routed by batch size (build_engines/composite.py)
+    "switch": "setsuna.runtime.switch:load",
 }
 
 
