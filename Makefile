@@ -76,7 +76,7 @@ $(PEERS_STAMP): pyproject.toml
 	$(PEERS_PY) -m pip install -q -e ".[build,serve]" $(PEERS_SPECS)
 	touch $@
 
-## The same LightGBM model behind setsuna, PyTriton, MLServer, Ray Serve, FastAPI (~8 min, not CI).
+## The same LightGBM model behind setsuna, PyTriton, MLServer, Ray Serve, FastAPI (~5 min, not CI).
 perf-peers: $(PEERS_STAMP)
 	test -f $(REPO)/local/lightgbm/config.pbtxt || $(MAKE) build-engines
 	$(PEERS_PY) -m perf.peers --model-repository $(REPO)/local $(PEERS_FLAGS)

@@ -26,8 +26,9 @@ from setsuna.errors import GateError, InputError
 #: Share of the held-out rows used for INT8 calibration (the rest judge).
 CALIBRATION_SHARE = 0.2
 #: Survivors this much slower than the fastest still count as tied; among tied
-#: ones the most faithful wins. 5 % is about the run-to-run spread of a p50 here.
-SPEED_TIE_SHARE = 0.05
+#: ones the most faithful, then the best at batches, wins. The same engine's p50
+#: moved 6-7 % between runs here (tl2cgen 18.9 vs 20.1 us), so 10 %.
+SPEED_TIE_SHARE = 0.10
 
 
 @dataclass(frozen=True)
