@@ -71,6 +71,13 @@ def test_ties_go_to_the_lowest_single_request_p99() -> None:
     assert choice.variant is b and "tied" in choice.why
 
 
+def test_among_ties_fewer_instances_win_before_latency() -> None:
+    four = _result(VARIANTS["db100-4i"], (1, 2000, 0.7), (8, 8200, 1.9))
+    two = _result(VARIANTS["default"], (1, 1900, 0.9), (8, 8000, 1.8))  # within 5 %
+    choice = triton.choose([four, two], "grpc", 2000)
+    assert choice.variant is two and "fewest instances" in choice.why
+
+
 def test_cache_and_inexpressible_variants_are_not_eligible() -> None:
     cache = _result(VARIANTS["db100-2i-cache"], (1, 9000, 0.2))
     off = _result(VARIANTS["nobatch-2i"], (1, 8000, 0.3))
