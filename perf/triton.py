@@ -85,6 +85,10 @@ from setsuna.server import LocalTriton, ServerSettings, free_ports
 #: concurrency 32 costs ~10 ms p99 on any config here (Little's law: 32 / ~8k/s), so a
 #: budget "at c=32" would rule out everything. A desk sets its own with --budget-ms.
 DEFAULT_BUDGET_P99_MS: Final = {"lightgbm": 2.0, "xgboost": 2.0, "mlp": 2.0, "lstm": 2.0}
+#: A variant whose single-request (c=1) p99 exceeds this is not eligible: a trading
+#: call that arrives alone must stay fast, whatever the config gains under load
+#: (a 500 us batching delay won 7.3k infer/s at c=8 but took c=1 p99 to 1.6 ms).
+C1_BUDGET_P99_US: Final = 1000.0
 FALLBACK_BUDGET_P99_MS: Final = 2.0
 CONCURRENCY: Final = (1, 2, 4, 8, 16, 32)
 BATCH_ROWS: Final = 1024
@@ -326,6 +330,7 @@ def choose(
     budget_us: float,
     *,
     allow_cache: bool = False,
+    c1_budget_us: float = C1_BUDGET_P99_US,
 ) -> Choice:
     """Highest throughput within the p99 budget; among ties (5 %), fewest instances, then
     the lowest c=1 p99.
@@ -336,6 +341,7 @@ def choose(
     """
     not_eligible: dict[str, str] = {}
     eligible: list[VariantResult] = []
+    too_slow_alone: list[VariantResult] = []
     for vr in results:
         v = vr.variant
         if not vr.sweep(protocol):
@@ -344,6 +350,12 @@ def choose(
             not_eligible[v.name] = (
                 "response cache: Triton 2.51 caches a Python-backend error as an empty success "
                 "(--allow-response-cache to consider it)"
+            )
+        elif vr.c1_p99_us(protocol) > c1_budget_us:
+            too_slow_alone.append(vr)
+            not_eligible[v.name] = (
+                f"c=1 p99 {vr.c1_p99_us(protocol) / 1000:.2f} ms over the single-request "
+                f"budget of {c1_budget_us / 1000:g} ms"
             )
         elif not v.expressible:
             not_eligible[v.name] = (
@@ -375,9 +387,9 @@ def choose(
                 "c=1 p99 wins)"
             )
         return Choice(vr, p, True, why, not_eligible)
-    if not eligible:
+    if not eligible and not too_slow_alone:
         return Choice(None, None, False, "no eligible variant produced a result", not_eligible)
-    vr = min(eligible, key=lambda e: e.c1_p99_us(protocol))
+    vr = min(eligible or too_slow_alone, key=lambda e: e.c1_p99_us(protocol))
     pts = vr.sweep(protocol)
     why = (
         f"no variant kept p99 <= {budget_ms:g} ms at any concurrency; "

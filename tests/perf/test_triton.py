@@ -65,7 +65,7 @@ def test_highest_throughput_within_budget_wins() -> None:
 
 
 def test_ties_go_to_the_lowest_single_request_p99() -> None:
-    a = _result(VARIANTS["db0-2i"], (1, 2000, 1.2), (4, 5000, 1.9))
+    a = _result(VARIANTS["db0-2i"], (1, 2000, 0.95), (4, 5000, 1.9))
     b = _result(VARIANTS["db500-2i"], (1, 1800, 0.9), (4, 4900, 1.9))  # within 5 %
     choice = triton.choose([a, b], "grpc", 2000)
     assert choice.variant is b and "tied" in choice.why
@@ -76,6 +76,16 @@ def test_among_ties_fewer_instances_win_before_latency() -> None:
     two = _result(VARIANTS["default"], (1, 1900, 0.9), (8, 8000, 1.8))  # within 5 %
     choice = triton.choose([four, two], "grpc", 2000)
     assert choice.variant is two and "fewest instances" in choice.why
+
+
+def test_a_variant_slow_for_a_lone_request_is_not_eligible() -> None:
+    slow_alone = _result(VARIANTS["db500-2i"], (1, 900, 1.6), (8, 9000, 1.9))
+    fast_alone = _result(VARIANTS["db0-2i"], (1, 2400, 0.6), (4, 5200, 1.5))
+    choice = triton.choose([slow_alone, fast_alone], "grpc", 2000)
+    assert choice.variant is fast_alone
+    assert "single-request" in choice.not_eligible["db500-2i"]
+    only_slow = triton.choose([slow_alone], "grpc", 2000)
+    assert only_slow.variant is slow_alone and not only_slow.budget_met
 
 
 def test_cache_and_inexpressible_variants_are_not_eligible() -> None:
