@@ -43,15 +43,17 @@ class TritonPythonModel:
         # over the whole batch, and only on a hit find which requests own the
         # bad rows. Per request there is a tensor fetch and a response, nothing more.
         arrays = [pb_utils.get_input_tensor_by_name(r, INPUT_NAME).as_numpy() for r in requests]
+        x = np.ascontiguousarray(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
         responses: list[Any] = [None] * len(requests)
-        bad = self._non_finite_requests(arrays)
+        bad = self._non_finite_requests(x, arrays)
         for i in bad:
             responses[i] = self._refusal(arrays[i])
         keep = [i for i in range(len(requests)) if i not in bad]
         if not keep:
             return responses
         parts = [arrays[i] for i in keep]
-        x = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        if bad:  # rare: restack without the refused requests
+            x = np.ascontiguousarray(np.concatenate(parts))
         try:
             y = self.engine.predict(x)
         except Exception as exc:  # an engine failure fails its requests, visibly
@@ -68,11 +70,12 @@ class TritonPythonModel:
             start = stop
         return responses
 
-    def _non_finite_requests(self, arrays: list[npt.NDArray[np.float32]]) -> set[int]:
-        """Indices of requests holding a NaN/±inf row, when the manifest forbids them."""
+    def _non_finite_requests(
+        self, x: npt.NDArray[np.float32], arrays: list[npt.NDArray[np.float32]]
+    ) -> set[int]:
+        """Indices of requests holding a NaN/±inf row of the stacked ``x``, when forbidden."""
         if self.schema.allow_nan:
             return set()
-        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if finite.all():
             return set()
@@ -81,10 +84,10 @@ class TritonPythonModel:
 
     def _refusal(self, raw: npt.NDArray[np.float32]) -> Any:
         """INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) with the schema's own message."""
+        message = "non-finite value"
         try:
             self.schema.check(raw)
-            message = "rejected"  # unreachable: the caller found a non-finite value
-        except InputError as exc:
+        except InputError as exc:  # always, for a request the caller found non-finite
             message = str(exc)
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(
