@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -51,6 +52,7 @@ from setsuna.runtime.trees import (
     TL2CGEN_BATCH_SYMBOL,
     TL2CGEN_LIB,
     TL2CGEN_NFEATURE_SYMBOL,
+    cpu_flags,
     host_cpu,
 )
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
@@ -64,7 +66,10 @@ _REPO = Path(__file__).resolve().parents[2]
 _TREE_KINDS = ("lightgbm", "xgboost", "sklearn")
 
 LLEAVES_MODEL = "model.txt"
-LLEAVES_OBJECT = "model.o"
+#: lleaves' object file linked into a shared library (hyphenated for the reason
+#: given at :data:`setsuna.runtime.trees.TL2CGEN_LIB`).
+LLEAVES_LIB = "lleaves-forest.so"
+LLEAVES_LINK = "gcc -shared -Wl,-Bsymbolic"
 #: Extra flags for every tl2cgen compile and link. ``-Bsymbolic`` binds the
 #: library's calls to its own ``predict``: every tl2cgen library exports the same
 #: symbol names, and two loaded into one process must not call each other's trees.
@@ -482,45 +487,63 @@ def _skip_int8(source: Source) -> Skipped:
 # --- lleaves ------------------------------------------------------------------------------
 
 
+def _run(cmd: list[str], what: str) -> None:
+    """Run a build tool; its stderr becomes the error a Skipped candidate reports."""
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SetsunaError(f"{what} failed ({' '.join(cmd)}): {done.stderr.strip()[-500:]}")
+
+
 def _build_lleaves(source: Source, folder: Path, cache_dir: Path) -> Candidate:
     import lleaves
 
-    model_file = folder / LLEAVES_MODEL
-    model_file.write_text(source.model.model_to_string())
-    cpu, features = host_cpu()
-    key = _key(
-        source.sha256,
-        "lleaves",
-        _version("lleaves"),
-        _version("llvmlite"),
-        cpu,
-        features,
-        f"fblocksize={LLEAVES_BLOCKSIZE}",
-    )
-    cached = cache_dir / "lleaves" / f"{key}.o"
-    if not cached.is_file():
-        with _publishing(cached) as tmp:
-            lleaves.Model(model_file=str(model_file)).compile(
-                cache=str(tmp), fblocksize=LLEAVES_BLOCKSIZE
+    with tempfile.TemporaryDirectory() as tmp:
+        model_file = Path(tmp) / LLEAVES_MODEL
+        model_file.write_text(source.model.model_to_string())
+        model = lleaves.Model(model_file=str(model_file))
+        if model.num_model_per_iteration() != 1:
+            raise SourceError(
+                f"{source.name}: lleaves serves binary classifiers and regressors only "
+                f"({model.num_model_per_iteration()} outputs per row)"
             )
-    shutil.copyfile(cached, folder / LLEAVES_OBJECT)
+        n_features = int(model.num_feature())
+        cpu, features = host_cpu()
+        key = _key(
+            source.sha256,
+            "lleaves",
+            _version("lleaves"),
+            _version("llvmlite"),
+            cpu,
+            features,
+            f"fblocksize={LLEAVES_BLOCKSIZE}",
+            LLEAVES_LINK,
+        )
+        cached = cache_dir / "lleaves" / f"{key}.so"
+        if not cached.is_file():
+            obj = Path(tmp) / "forest.o"
+            model.compile(cache=str(obj), fblocksize=LLEAVES_BLOCKSIZE)
+            with _publishing(cached) as out:
+                # lleaves emits position-independent code (reloc "pic"); the only
+                # outside symbol it calls is libm's exp (the sigmoid).
+                _run([*LLEAVES_LINK.split(), "-o", str(out), str(obj), "-lm"], "link lleaves")
+    shutil.copyfile(cached, folder / LLEAVES_LIB)
     return Candidate(
         name="lleaves",
         engine="lleaves",
         folder=folder,
         params={
-            "model_file": LLEAVES_MODEL,
-            "object_file": LLEAVES_OBJECT,
+            "lib": LLEAVES_LIB,
+            "n_features": n_features,
             "threads": 1,
             "target_cpu": cpu,
-            "cpu_features_sha256": features,
+            "cpu_flags_sha256": cpu_flags(),
         },
         local=True,
         container=None,
         notes=(
             f"lleaves {_version('lleaves')} / llvmlite {_version('llvmlite')}, float64, "
-            f"fblocksize {LLEAVES_BLOCKSIZE}, "
-            f"machine code for CPU {cpu!r}: the loader refuses other CPUs"
+            f"fblocksize {LLEAVES_BLOCKSIZE}, linked into {LLEAVES_LIB} (no LLVM at serve "
+            f"time); machine code for CPU {cpu!r}: the loader refuses other CPUs"
         ),
     )
 

@@ -226,7 +226,7 @@ def test_every_engine_that_applies_is_reported(built: dict[str, dict[str, base.B
 def test_folders_hold_only_their_files(built: dict[str, dict[str, base.Built]]) -> None:
     files = {
         "onnx": {"model.onnx"},
-        "lleaves": {"model.txt", "model.o"},
+        "lleaves": {"lleaves-forest.so"},
         "tl2cgen": {"tl2cgen-forest.so"},
     }
     fil = {"lgb": {"model.txt"}, "xgb": {"xgboost.json"}, "rf": {"checkpoint.tl"}}
@@ -378,8 +378,8 @@ def test_int8_is_skipped_with_the_reason(built: dict[str, dict[str, base.Built]]
 def test_compiled_candidates_and_fil_spec(built: dict[str, dict[str, base.Built]]) -> None:
     lleaves = built["lgb"]["lleaves"]
     assert isinstance(lleaves, base.Candidate) and lleaves.container is None
-    assert lleaves.params["model_file"] == "model.txt"
-    assert lleaves.params["object_file"] == "model.o" and lleaves.params["threads"] == 1
+    assert lleaves.params["lib"] == "lleaves-forest.so" and lleaves.params["threads"] == 1
+    assert lleaves.params["n_features"] == N_FEATURES
     tl = built["xgb"]["tl2cgen"]
     assert isinstance(tl, base.Candidate) and tl.container is None
     assert tl.params == {"lib": "tl2cgen-forest.so", "threads": 1}
@@ -429,7 +429,7 @@ def test_compiles_are_cached_by_model_hash(
     }
     assert isinstance(results["lleaves"], base.Candidate), results["lleaves"]
     assert isinstance(results["tl2cgen"], base.Candidate), results["tl2cgen"]
-    assert len(list((cache_dir / "lleaves").glob("*.o"))) >= 2
+    assert len(list((cache_dir / "lleaves").glob("*.so"))) >= 2
     assert len(list((cache_dir / "tl2cgen").glob("*.so"))) >= 2
 
 
@@ -438,12 +438,33 @@ def test_loaders_never_compile_at_serve_time(
 ) -> None:
     c = built["lgb"]["lleaves"]
     assert isinstance(c, base.Candidate)
-    (tmp_path / "model.txt").write_bytes((c.folder / "model.txt").read_bytes())
     with pytest.raises(EngineError, match="never compiles"):
         runtime.load("lleaves", tmp_path, c.params)
-    assert not (tmp_path / "model.o").exists()
-    with pytest.raises(EngineError, match="compiled for CPU"):
-        runtime.load("lleaves", c.folder, {**c.params, "target_cpu": "some-other-cpu"})
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(EngineError, match="compiled for a CPU"):
+        runtime.load("lleaves", c.folder, {**c.params, "cpu_flags_sha256": "0123456789abcdef"})
+    with pytest.raises(EngineError, match="rebuild"):  # a manifest from before the link step
+        runtime.load("lleaves", c.folder, {"model_file": "model.txt", "object_file": "model.o"})
+
+
+def test_lleaves_library_equals_lleaves_itself(
+    sources: dict[str, base.Source], built: dict[str, dict[str, base.Built]], tmp_path: Path
+) -> None:
+    """The linked library is lleaves' own machine code: bit-identical to Model.predict."""
+    import lleaves
+
+    c = built["lgb_nan"]["lleaves"]
+    assert isinstance(c, base.Candidate)
+    path = tmp_path / "model.txt"
+    path.write_text(sources["lgb_nan"].model.model_to_string())
+    model = lleaves.Model(model_file=str(path))
+    model.compile(fblocksize=cand.LLEAVES_BLOCKSIZE)
+    x = _data(300)[0]
+    x[::7, 3] = np.nan
+    want = model.predict(x.astype(np.float64), n_jobs=1).astype(np.float32).reshape(-1, 1)
+    for threads in (1, 3):
+        engine = runtime.load("lleaves", c.folder, {**c.params, "threads": threads})
+        np.testing.assert_array_equal(engine.predict(x), want)
 
 
 def test_sha256_is_stable_and_tracks_the_model(tmp_path: Path) -> None:

@@ -33,12 +33,10 @@ TL2CGEN_LIB = "tl2cgen-forest.so"
 
 
 def host_cpu() -> tuple[str, str]:
-    """LLVM's name for this CPU and a short hash of its feature flags.
+    """LLVM's name for this CPU and a short hash of its feature flags (build time only).
 
-    lleaves objects are machine code for the CPU they were compiled on; the
-    build records these and the loader compares them, because running an
-    object with instructions this CPU lacks kills the process (SIGILL), Triton
-    included.
+    Imports llvmlite, whose LLVM library costs ~30 MB per process: the serving
+    path checks :func:`cpu_flags` instead.
     """
     import llvmlite.binding as llvm
 
@@ -48,6 +46,30 @@ def host_cpu() -> tuple[str, str]:
     except RuntimeError:  # LLVM cannot detect features on some hosts
         features = ""
     return name, hashlib.sha256(features.encode()).hexdigest()[:16]
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """A short hash of this CPU's model name and instruction-set flags ("" if unknown).
+
+    lleaves emits machine code for the CPU it compiled on; running it on a CPU
+    without one of those instructions kills the process (SIGILL), Triton
+    included. The build records this hash and the loader compares it, without
+    loading LLVM into every serving process.
+    """
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor is enough: the flags are per machine
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = " ".join(sorted(fields.get("flags", "").split()))
+    if not flags:
+        return ""
+    return hashlib.sha256(f"{fields.get('model name', '')}|{flags}".encode()).hexdigest()[:16]
 
 
 def _as_batch(x: F32, n_features: int) -> F32:
@@ -73,53 +95,72 @@ def _last_column(out: Any, n: int) -> F32:
 
 
 class LleavesEngine:
-    """A LightGBM forest compiled to machine code by lleaves.
+    """A LightGBM forest compiled to machine code by lleaves, linked into a shared library.
 
-    ``threads`` is passed to lleaves as ``n_jobs`` and defaults to 1: lleaves
-    builds a thread pool per call when ``n_jobs > 1`` (6-15x slower on a
-    single row), and its own default is every core.
+    The build links lleaves' object file into ``lleaves-forest.so`` so that
+    serving is one ctypes call of its ``forest_root(double*, double*, int,
+    int)`` per batch: no lleaves, llvmlite or LLVM in the serving process
+    (they cost ~33 MB per Triton stub) and no JIT link at load. The output is
+    bit-identical to ``lleaves.Model.predict``. ``threads`` > 1 splits the rows
+    over a thread pool (ctypes releases the GIL); 1, the default, suits a
+    Triton instance, which is already one of several.
     """
 
     def __init__(
         self,
-        model_file: Path,
-        object_file: Path,
+        lib: Path,
+        n_features: int,
         *,
         threads: int = 1,
-        target_cpu: str | None = None,
-        cpu_features_sha256: str | None = None,
+        cpu_flags_sha256: str | None = None,
+        entry: str = "forest_root",
     ) -> None:
-        if not object_file.is_file():
+        if not lib.is_file():
             raise EngineError(
-                f"{object_file} is missing; the loader never compiles at serve time. "
+                f"{lib} is missing; the loader never compiles at serve time. "
                 "Rebuild the model with `make build-engines`"
             )
-        if target_cpu is not None:
-            name, features = host_cpu()
-            if (name, features) != (target_cpu, cpu_features_sha256 or features):
-                raise EngineError(
-                    f"{object_file} was compiled for CPU {target_cpu!r} "
-                    f"(features {cpu_features_sha256}) but this host is {name!r} "
-                    f"(features {features}); running it could crash the process. "
-                    "Rebuild the model on this host, or serve its onnx/tl2cgen candidate"
-                )
-        import lleaves
-
-        self._model = lleaves.Model(model_file=str(model_file))
-        # With the object present lleaves loads it instead of compiling.
-        self._model.compile(cache=str(object_file))
-        self._n_features = int(self._model.num_feature())
-        if self._model.num_model_per_iteration() != 1:
+        here = cpu_flags()
+        if cpu_flags_sha256 and here and here != cpu_flags_sha256:
             raise EngineError(
-                f"{model_file} is a multiclass model; only binary classifiers and "
-                "regressors are supported"
+                f"{lib} was compiled for a CPU with flags hash {cpu_flags_sha256} but this "
+                f"host's is {here}; running it could crash the process. Rebuild the model "
+                "on this host (`make build-engines`), or serve its onnx/tl2cgen candidate"
             )
-        self._threads = threads
+        if n_features < 1 or threads < 1:
+            raise EngineError(f"n_features={n_features} and threads={threads} must be >= 1")
+        dll = ctypes.CDLL(str(lib.resolve()))
+        try:
+            fn = getattr(dll, entry)
+        except AttributeError as exc:
+            raise EngineError(f"{lib} has no symbol {entry!r}; rebuild the model") from exc
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+        self._dll, self._fn = dll, fn  # the library stays mapped while fn is used
+        self._n_features, self._threads = n_features, threads
 
     def predict(self, x: F32) -> F32:
         batch = _as_batch(x, self._n_features)
-        # One native call; lleaves widens to float64 (LightGBM compares in double).
-        return _last_column(self._model.predict(batch, n_jobs=self._threads), len(batch))
+        n = len(batch)
+        if n >= 2**31 - 1:
+            raise ShapeError(f"{n} rows overflow lleaves' int32 row index; split the batch")
+        # LightGBM compares thresholds in double, and so does this code.
+        wide = np.ascontiguousarray(batch, dtype=np.float64)
+        out = np.empty(n, dtype=np.float64)
+        if self._threads == 1 or n < 2 * self._threads:
+            self._fn(wide.ctypes.data, out.ctypes.data, 0, n)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            step = -(-n // self._threads)
+            with ThreadPoolExecutor(self._threads) as pool:
+                done = [
+                    pool.submit(self._fn, wide.ctypes.data, out.ctypes.data, i, min(i + step, n))
+                    for i in range(0, n, step)
+                ]
+                for d in done:
+                    d.result()
+        return out.astype(np.float32).reshape(n, 1)
 
 
 class Tl2cgenEngine:
@@ -210,14 +251,17 @@ class GtilEngine:
 
 
 def load_lleaves(folder: Path, params: Mapping[str, Any]) -> LleavesEngine:
-    cpu = params.get("target_cpu")
-    features = params.get("cpu_features_sha256")
+    if "lib" not in params or "n_features" not in params:
+        raise EngineError(
+            f"lleaves params {dict(params)} need 'lib' and 'n_features' (models built before "
+            "lleaves objects were linked into a library); rebuild with `make build-engines`"
+        )
+    flags = params.get("cpu_flags_sha256")
     return LleavesEngine(
-        folder / str(params.get("model_file", "model.txt")),
-        folder / str(params.get("object_file", "model.o")),
+        folder / str(params["lib"]),
+        int(params["n_features"]),
         threads=int(params.get("threads", 1)),
-        target_cpu=None if cpu is None else str(cpu),
-        cpu_features_sha256=None if features is None else str(features),
+        cpu_flags_sha256=None if flags is None else str(flags),
     )
 
 
