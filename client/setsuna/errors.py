@@ -20,7 +20,13 @@ chained, so trading code never has to import a third-party exception type.
     │   └── TamperedArtifactError
     ├── GateError              no candidate passed the accuracy gate
     ├── EngineError            a runtime failed to load or run an engine
-    └── ServerError            the local Triton server failed to start or stop
+    ├── ServerError            the local Triton server failed to start or stop
+    ├── MarketDataError        ticks, bars or a market-data file are unusable
+    │   ├── BadValueError      NaN, inf or a negative price/size
+    │   ├── OutOfOrderError    a symbol's timestamp went backwards or repeated
+    │   ├── UnknownSymbolError a symbol the engine/builder was not set up with
+    │   └── DataFormatError    a file's columns or types are not the expected ones
+    └── SnapshotError          feature-engine state bytes cannot be restored
 
 Every message says what to do next, not only what went wrong.
 """
@@ -82,3 +88,30 @@ class EngineError(SetsunaError):
 
 class ServerError(SetsunaError):
     """The local Triton server failed to start, become ready, or stop."""
+
+
+class MarketDataError(SetsunaError, ValueError):
+    """Ticks, bars or a market-data file cannot be used as given."""
+
+
+class BadValueError(MarketDataError):
+    """A price or size is NaN, infinite or negative."""
+
+
+class OutOfOrderError(MarketDataError):
+    """A symbol's timestamp went backwards or repeated; setsuna never reorders."""
+
+
+class UnknownSymbolError(MarketDataError, KeyError):
+    """A symbol the feature engine or bar builder was not configured with."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class DataFormatError(MarketDataError):
+    """A market-data file or frame lacks the expected columns or types."""
+
+
+class SnapshotError(SetsunaError):
+    """Feature-engine state bytes are corrupt, of another version or another spec."""
