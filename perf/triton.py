@@ -97,6 +97,15 @@ CACHE_BYTES: Final = 16 * 1024
 #: Distinct input rows written per model (>= BATCH_ROWS; perf_analyzer cycles through them).
 INPUT_ROWS: Final = 4096
 TIE_SHARE: Final = 0.05
+#: Triton's answer to a request that sat in the queue past the queue policy's
+#: ``default_timeout_microseconds`` (50 ms here: 5-50x any healthy p99).
+STALL_MESSAGE: Final = "Request timeout expired"
+#: Why a stall disqualifies a variant (see :meth:`VariantResult.stalled`).
+STALL_WHY: Final = (
+    "a request waited past the 50 ms queue timeout: Triton 2.51's dynamic batcher sleeps "
+    "up to 500 ms when a request arrives while every instance is still finishing (no "
+    "wake-up); at c=1 with one instance it happens every few thousand requests"
+)
 OUT: Final = Path(".cache/perf/triton")
 #: Rough seconds per run beyond its windows (start, JSON load, teardown) and per server.
 _RUN_OVERHEAD_S: Final = 0.3
@@ -303,6 +312,20 @@ class VariantResult:
         ok = [r for r in self.sweep(protocol) if r.row is not None and r.row.p99_us <= budget_us]
         return max(ok, key=_throughput, default=None)
 
+    @property
+    def stalled(self) -> bool:
+        """Whether any run saw a request rejected for waiting past the queue timeout.
+
+        Measured here (lightgbm, gRPC, sequential requests): with dynamic batching
+        and ONE instance a request now and then waits ~500 ms, the dynamic batcher's
+        idle sleep in Triton 2.51 (``default_wait_microseconds``): a request that
+        arrives after the response went out but before the instance is released
+        does not wake it. With two instances it needs every instance busy, so it
+        shows under load; with batching off it never happened. A trading call
+        cannot wait half a second now and then, so one such run disqualifies.
+        """
+        return any(STALL_MESSAGE in r.message for r in self.runs if not r.ok)
+
     def c1_p99_us(self, protocol: str) -> float:
         pts = self.sweep(protocol)
         row = pts[0].row if pts else None
@@ -344,7 +367,9 @@ def choose(
     too_slow_alone: list[VariantResult] = []
     for vr in results:
         v = vr.variant
-        if not vr.sweep(protocol):
+        if vr.stalled:
+            not_eligible[v.name] = STALL_WHY
+        elif not vr.sweep(protocol):
             not_eligible[v.name] = vr.server_error or "no successful run"
         elif v.serving.response_cache and not allow_cache:
             not_eligible[v.name] = (
@@ -545,6 +570,9 @@ class Sweep:
                     continue
                 attempts = self.measure(vr.variant.name, url, model, s.protocol, c, data)
                 vr.runs += attempts
+                if vr.stalled:  # disqualified: measuring it further buys nothing
+                    self.echo(f"    {vr.variant.name}: stalled ({STALL_MESSAGE}); not eligible")
+                    return
                 r = attempts[-1]
                 if r.row is not None and r.row.p99_us > budget_us:
                     over = True

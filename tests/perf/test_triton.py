@@ -29,11 +29,13 @@ from tests.helpers import logistic_candidate, logistic_source
 W = np.random.default_rng(2).normal(size=6).astype(np.float32)
 
 
-def _run(variant: str, c: int, rate: float, p99_ms: float, *, ok: bool = True) -> pa.RunResult:
+def _run(
+    variant: str, c: int, rate: float, p99_ms: float, *, ok: bool = True, message: str = "boom"
+) -> pa.RunResult:
     spec = pa.RunSpec(variant, "127.0.0.1:1", "grpc", concurrency=c, input_data=Path("rows.json"))
     row = pa.LatencyRow(c, rate, p99_ms * 400, p99_ms * 700, p99_ms * 800, p99_ms * 1000)
     if not ok:
-        return pa.RunResult(spec, "failed", 1, 1.0, message="boom")
+        return pa.RunResult(spec, "failed", 1, 1.0, message=message)
     return pa.RunResult(spec, "ok", 0, 1.0, row)
 
 
@@ -114,6 +116,18 @@ def test_failed_runs_do_not_count() -> None:
     vr = triton.VariantResult(v, [_run(v.name, 1, 99999, 0.1, ok=False)])
     choice = triton.choose([vr], "grpc", 2000)
     assert choice.variant is None and choice.not_eligible == {"db0-2i": "no successful run"}
+
+
+def test_one_queue_timeout_disqualifies_a_variant_however_fast() -> None:
+    """A request stranded by the batcher is a latency spike no throughput pays for."""
+    fast = _result(VARIANTS["db100-2i-nopref"], (1, 3000, 0.5), (8, 12000, 1.5))
+    stall = "Thread [3] had error: Request timeout expired"
+    fast.runs.append(_run("db100-2i-nopref", 16, 0, 0, ok=False, message=stall))
+    safe = _result(VARIANTS["nobatch-2i"], (1, 2900, 0.5), (8, 6000, 1.8))
+    choice = triton.choose([fast, safe], "grpc", 2000)
+    assert choice.variant is safe
+    assert "500 ms" in choice.not_eligible["db100-2i-nopref"]
+    assert not safe.stalled and fast.stalled
 
 
 # --------------------------------------------------------------------------- tuned.json
