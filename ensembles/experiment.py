@@ -1,0 +1,219 @@
+"""A/B/n experiments: which arm (model variant) serves which sticky key.
+
+The experiment file is JSON, versioned, and validated as a whole before it
+replaces the one in force::
+
+    {
+      "format": 1,
+      "name": "trees-ab",
+      "salt": "trees-ab-2026-11",
+      "arms": {"control": {"model": "lightgbm", "version": 1},
+               "treatment": {"model": "xgboost", "version": 1}},
+      "shadow": {"model": "mlp", "version": 1},
+      "versions": [{"version": 1, "weights": {"control": 0.5, "treatment": 0.5}},
+                   {"version": 2, "weights": {"control": 0.8, "treatment": 0.2}}]
+    }
+
+A key (a symbol, an account) hashes with the salt to one of
+:data:`BUCKETS` buckets (blake2b, so the same on every host and restart,
+unlike Python's ``hash``). Each version assigns every bucket to an arm. The
+first version lays the arms out in order; each later version starts from the
+previous table and moves only as many buckets as its weight change requires:
+an arm that shrinks gives up its highest buckets, an arm that grows takes
+freed ones. So a weight change moves the minimum share of keys, and between
+versions nothing moves at all. Arms pin a model version: the arm a key lands
+on names exactly the model and version that answers it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from setsuna.errors import ConfigError
+
+FORMAT: Final = 1
+#: Assignment granularity: weights are honoured to 1 / BUCKETS (0.01 %).
+BUCKETS: Final = 10_000
+_WEIGHT_TOLERANCE: Final = 1e-6
+_MODEL_NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "_-.")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model and the version of it that answers (versions are pinned, never 'latest')."""
+
+    model: str
+    version: int
+
+    @property
+    def label(self) -> str:
+        """``model:version``, the name every response carries."""
+        return f"{self.model}:{self.version}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One validated experiment file, with the bucket table of its latest version."""
+
+    name: str
+    salt: str
+    arms: tuple[str, ...]  # sorted; an arm's index in the table is its position here
+    targets: tuple[Target, ...]  # parallel to arms
+    shadow: Target | None
+    version: int
+    weights: Mapping[str, float]
+    table: npt.NDArray[np.int16]  # bucket -> arm index
+
+    def arm_index(self, arm: str) -> int:
+        try:
+            return self.arms.index(arm)
+        except ValueError:
+            raise ConfigError(
+                f"unknown arm {arm!r} in experiment {self.name!r} v{self.version}; "
+                f"arms: {', '.join(self.arms)}"
+            ) from None
+
+    def bucket(self, key: str | bytes) -> int:
+        raw = key.encode() if isinstance(key, str) else key
+        digest = hashlib.blake2b(self.salt.encode() + b"\x00" + raw, digest_size=8).digest()
+        return int.from_bytes(digest, "little") % BUCKETS
+
+    def assign(self, keys: Iterable[str | bytes]) -> npt.NDArray[np.int16]:
+        """Arm index of each key (hashing each distinct key once)."""
+        keys = list(keys)
+        cache: dict[str | bytes, int] = {}
+        out = np.empty(len(keys), dtype=np.int16)
+        for i, k in enumerate(keys):
+            a = cache.get(k)
+            if a is None:
+                a = cache[k] = int(self.table[self.bucket(k)])
+            out[i] = a
+        return out
+
+    def describe(self) -> str:
+        shares = ", ".join(f"{a} {self.weights.get(a, 0.0):.2%}" for a in self.arms)
+        return f"experiment {self.name!r} v{self.version}: {shares}"
+
+
+def quotas(weights: Mapping[str, float], arms: tuple[str, ...]) -> npt.NDArray[np.int64]:
+    """Buckets per arm: largest remainder, so they sum to exactly BUCKETS."""
+    raw = np.array([weights.get(a, 0.0) * BUCKETS for a in arms])
+    base = np.floor(raw).astype(np.int64)
+    short = BUCKETS - int(base.sum())
+    order = sorted(range(len(arms)), key=lambda i: (-(raw[i] - base[i]), i))
+    for i in order[:short]:
+        base[i] += 1
+    return np.asarray(base, dtype=np.int64)
+
+
+def next_table(
+    previous: npt.NDArray[np.int16] | None, quota: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int16]:
+    """The table for ``quota`` that moves the fewest buckets away from ``previous``."""
+    if previous is None:
+        return np.repeat(np.arange(len(quota), dtype=np.int16), quota)
+    table = previous.copy()
+    freed: list[npt.NDArray[np.intp]] = []
+    for arm, want in enumerate(quota):
+        mine = np.flatnonzero(table == arm)
+        if len(mine) > want:
+            freed.append(mine[int(want) :])  # the highest buckets go
+    pool = np.sort(np.concatenate(freed)) if freed else np.empty(0, dtype=np.intp)
+    start = 0
+    for arm, want in enumerate(quota):
+        need = int(want) - int(np.count_nonzero(table == arm))
+        if need > 0:
+            table[pool[start : start + need]] = arm
+            start += need
+    return table
+
+
+def _target(name: str, raw: Any, what: str) -> Target:
+    if not isinstance(raw, Mapping) or set(raw) - {"model", "version"}:
+        raise ConfigError(f"{what}: give {{'model': NAME, 'version': N}}, got {raw!r}")
+    model, version = raw.get("model"), raw.get("version")
+    if not isinstance(model, str) or not model or set(model) - _MODEL_NAME_CHARS:
+        raise ConfigError(f"{what}: model {model!r} is not a Triton model name")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ConfigError(
+            f"{what}: version {version!r} must be an integer >= 1 (arms pin the version "
+            "that answers, so the response can name it)"
+        )
+    return Target(model, version)
+
+
+def parse(doc: Any, *, origin: str = "experiment") -> Experiment:
+    """Validate an experiment document; ConfigError says what is wrong and where."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{origin}: expected a JSON object")
+    if doc.get("format") != FORMAT:
+        raise ConfigError(f"{origin}: 'format' must be {FORMAT}, got {doc.get('format')!r}")
+    unknown = set(doc) - {"format", "name", "salt", "arms", "shadow", "versions"}
+    if unknown:
+        raise ConfigError(f"{origin}: unknown fields {sorted(unknown)}")
+    name, salt = doc.get("name"), doc.get("salt")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{origin}: 'name' must be a non-empty string")
+    if not isinstance(salt, str) or not salt:
+        raise ConfigError(f"{origin}: 'salt' must be a non-empty string")
+    raw_arms = doc.get("arms")
+    if not isinstance(raw_arms, Mapping) or not raw_arms:
+        raise ConfigError(f"{origin}: 'arms' must map arm names to {{model, version}}")
+    arms = tuple(sorted(str(a) for a in raw_arms))
+    targets = tuple(_target(a, raw_arms[a], f"{origin}: arm {a!r}") for a in arms)
+    shadow_raw = doc.get("shadow")
+    shadow = None if shadow_raw is None else _target("shadow", shadow_raw, f"{origin}: shadow")
+    versions = doc.get("versions")
+    if not isinstance(versions, list) or not versions:
+        raise ConfigError(f"{origin}: 'versions' must be a non-empty list, oldest first")
+    table: npt.NDArray[np.int16] | None = None
+    last = 0
+    weights: dict[str, float] = {}
+    for i, v in enumerate(versions):
+        at = f"{origin}: versions[{i}]"
+        if not isinstance(v, Mapping) or set(v) != {"version", "weights"}:
+            raise ConfigError(f"{at}: give exactly {{'version': N, 'weights': {{arm: share}}}}")
+        number = v["version"]
+        if not isinstance(number, int) or isinstance(number, bool) or number <= last:
+            raise ConfigError(f"{at}: version {number!r} must be an integer > {last}")
+        w = v["weights"]
+        if not isinstance(w, Mapping) or not w:
+            raise ConfigError(f"{at}: 'weights' must map arms to shares")
+        stray = sorted(set(w) - set(arms))
+        if stray:
+            raise ConfigError(f"{at}: weights for unknown arms {stray}; arms: {list(arms)}")
+        values = [w[a] for a in w]
+        if any(
+            not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) or x < 0
+            for x in values
+        ):
+            raise ConfigError(f"{at}: weights must be finite numbers >= 0, got {dict(w)}")
+        total = float(sum(values))
+        if abs(total - 1.0) > _WEIGHT_TOLERANCE:
+            raise ConfigError(f"{at}: weights sum to {total:g}, not 1")
+        weights = {a: float(w.get(a, 0.0)) for a in arms}
+        table = next_table(table, quotas(weights, arms))
+        last = number
+    assert table is not None
+    return Experiment(name, salt, arms, targets, shadow, last, weights, table)
+
+
+def load(path: Path) -> Experiment:
+    """Read and validate ``path``; ConfigError names the file and the fault."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read experiment file {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"experiment file {path} is not JSON: {exc}") from exc
+    return parse(doc, origin=str(path))

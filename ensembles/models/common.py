@@ -1,0 +1,112 @@
+"""What every ensembles Python-backend model shares: parameters, BLS calls, errors, labels.
+
+Imported only inside Triton's Python backend stub (``triton_python_backend_utils``
+exists nowhere else). The logic each model applies (bucketing, thresholds,
+weights) lives in plain modules of :mod:`ensembles` and is tested without Triton.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import triton_python_backend_utils as pb_utils
+
+from ensembles.experiment import Target
+from setsuna.errors import InputError, SetsunaError
+from setsuna.schema import INPUT_NAME, OUTPUT_NAME
+
+F32 = npt.NDArray[np.float32]
+
+
+class DownstreamError(SetsunaError):
+    """A model called through BLS answered with an error (returned as an error, never a default)."""
+
+
+def model_parameters(args: Mapping[str, Any]) -> dict[str, str]:
+    """The ``parameters`` of this model's config.pbtxt, as plain strings."""
+    cfg = json.loads(args["model_config"])
+    return {k: str(v.get("string_value", "")) for k, v in cfg.get("parameters", {}).items()}
+
+
+def config_path(args: Mapping[str, Any], value: str) -> Path:
+    """A path parameter: absolute, or relative to the model's folder."""
+    p = Path(value)
+    return p if p.is_absolute() else Path(args["model_repository"]) / p
+
+
+def request_parameters(request: Any) -> dict[str, Any]:
+    raw = request.parameters()
+    if not raw:
+        return {}
+    out = json.loads(raw)
+    return out if isinstance(out, dict) else {}
+
+
+def features(request: Any, *, allow_nan: bool) -> F32:
+    x: F32 = pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy()
+    if not allow_nan and not np.isfinite(x).all():
+        row = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0])
+        raise InputError(
+            f"input '{INPUT_NAME}': row {row} holds NaN or inf, which this model does not "
+            "allow; fix the feature pipeline upstream"
+        )
+    return x
+
+
+def refusal(model: str, exc: SetsunaError) -> Any:
+    """INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) for a request the caller can fix."""
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"{model}: {exc}", pb_utils.TritonError.INVALID_ARG)
+    )
+
+
+def failure(message: str) -> Any:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+
+def bls_request(target: Target, x: F32) -> Any:
+    """One downstream request for a whole batch of rows, pinned to the target's version."""
+    return pb_utils.InferenceRequest(
+        model_name=target.model,
+        model_version=target.version,
+        requested_output_names=[OUTPUT_NAME],
+        inputs=[pb_utils.Tensor(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))],
+    )
+
+
+def bls_score(response: Any, target: Target, rows: int) -> F32:
+    """The ``score`` of a BLS response, or DownstreamError naming the model and version."""
+    if response.has_error():
+        raise DownstreamError(f"{target.label} failed: {response.error().message()}")
+    out = pb_utils.get_output_tensor_by_name(response, OUTPUT_NAME)
+    if out is None:
+        raise DownstreamError(f"{target.label} returned no '{OUTPUT_NAME}' output")
+    y: F32 = np.asarray(out.as_numpy(), dtype=np.float32).reshape(-1, 1)
+    if len(y) != rows:
+        raise DownstreamError(f"{target.label} returned {len(y)} rows for {rows}")
+    return y
+
+
+def labels(values: Sequence[str], index: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.object_]:
+    """A BYTES column: ``values[index[i]]`` per row, without a Python loop over rows."""
+    table = np.array([v.encode() for v in values], dtype=np.object_)
+    return np.asarray(table[index], dtype=np.object_).reshape(-1, 1)
+
+
+def constant(value: str, rows: int) -> npt.NDArray[np.object_]:
+    return np.full((rows, 1), value.encode(), dtype=np.object_)
+
+
+def split(total: int, sizes: Sequence[int]) -> list[slice]:
+    """Row slices of each request in a stacked batch."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(slice(start, start + n))
+        start += n
+    assert start == total
+    return out

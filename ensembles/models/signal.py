@@ -1,0 +1,59 @@
+"""The signal model: probability -> BUY / SELL / HOLD with a confidence.
+
+Stateless and deterministic, so it may sit behind Triton's response cache.
+Thresholds come from ``thresholds.json`` in the version folder (``buy_at``,
+``sell_at``): a new threshold is a new version, and ``policy`` names the
+``signal:version`` that decided every row. A probability outside [0, 1] is
+refused (INVALID_ARG) for its own request only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ensembles import signal
+from ensembles.models import common
+from setsuna.errors import SetsunaError
+from setsuna.schema import OUTPUT_NAME
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        self.name = args["model_name"]
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.thresholds = signal.load_thresholds(folder / signal.THRESHOLDS_FILE)
+        self.label = f"{self.name}:{args['model_version']}"
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        ps = [pb_utils.get_input_tensor_by_name(r, OUTPUT_NAME).as_numpy() for r in requests]
+        p = ps[0] if len(ps) == 1 else np.concatenate(ps)
+        try:
+            code, conf = signal.decide(p, self.thresholds)
+        except SetsunaError:  # rare: find which requests hold the bad rows
+            return [self._one(x) for x in ps]
+        policy = common.constant(self.label, len(p))
+        out = []
+        for sl in common.split(len(p), [len(x) for x in ps]):
+            out.append(self._response(code[sl], conf[sl], policy[sl]))
+        return out
+
+    def _one(self, p: Any) -> Any:
+        try:
+            code, conf = signal.decide(p, self.thresholds)
+        except SetsunaError as exc:
+            return common.refusal(self.name, exc)
+        return self._response(code, conf, common.constant(self.label, len(p)))
+
+    @staticmethod
+    def _response(code: Any, conf: Any, policy: Any) -> Any:
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("signal", code.reshape(-1, 1)),
+                pb_utils.Tensor("confidence", conf.reshape(-1, 1)),
+                pb_utils.Tensor("policy", policy),
+            ]
+        )

@@ -1,0 +1,328 @@
+"""The ensembles models on the real local Triton, called with tritonclient.
+
+Engines are three small logistic models (ONNX Runtime behind setsuna's
+Python-backend wrapper) whose oracle is numpy; a ``faulty`` model answers
+every request with an error. On top: the router (experiment file beside it,
+shadow log), the signal, the ``decision`` ensemble, two combiners, and a
+signal with Triton's response cache on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from build_engines import gate
+from build_engines.build import build_model
+from build_engines.spec import ModelSpec
+from ensembles import experiment as ex
+from ensembles import repository as rep
+from ensembles import signal
+from setsuna.server import LocalTriton, ServerSettings, free_ports
+from tests.helpers import logistic_candidate, logistic_source
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+N_FEATURES = 6
+RNG = np.random.default_rng(11)
+W = {name: RNG.normal(size=N_FEATURES).astype(np.float32) for name in ("alpha", "beta", "gamma")}
+THRESHOLDS = signal.Thresholds(buy_at=0.55, sell_at=0.45)
+
+FAULTY_CONFIG = f"""\
+name: "faulty"
+backend: "python"
+max_batch_size: 1024
+input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {N_FEATURES} ] }} ]
+output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+FAULTY_PY = """\
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        err = pb_utils.TritonError("faulty engine: out of order")
+        return [pb_utils.InferenceResponse(error=err) for _ in requests]
+"""
+
+
+def _experiment(*weights: dict[str, float]) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "name": "ab",
+        "salt": "ab-2026",
+        "arms": {
+            "control": {"model": "alpha", "version": 1},
+            "treatment": {"model": "beta", "version": 1},
+            "broken": {"model": "faulty", "version": 1},
+        },
+        "shadow": {"model": "gamma", "version": 1},
+        "versions": [{"version": i + 1, "weights": w} for i, w in enumerate(weights)],
+    }
+
+
+def _oracle(name: str, x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float64) @ W[name].astype(np.float64)
+    return (1.0 / (1.0 + np.exp(-z))).reshape(-1, 1)
+
+
+@dataclass
+class Served:
+    server: LocalTriton
+    repo: Path
+    shadow_log: Path
+
+    def client(self) -> Any:
+        return grpcclient.InferenceServerClient(self.server.grpc_url)
+
+
+def _members(*names: str) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "method": "mean",
+        "members": [
+            {"model": n, "version": 1, "weight": w} for n, w in zip(names, (3.0, 1.0), strict=True)
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("ensembles")
+    x = RNG.normal(size=(600, N_FEATURES)).astype(np.float32)
+    fast = gate.GateSettings(latency_calls=20, batch_budget_s=0.01)
+    for name, w in W.items():
+        build_model(
+            logistic_source(w, 0.0, name=name),
+            x,
+            ModelSpec(name, gate=fast),
+            root,
+            ("local",),
+            root / "work",
+            converter=lambda s, d, c, w=w: [logistic_candidate(d / "onnx", w, 0.0)],
+            echo=False,
+        )
+    repo = root / "local"
+    (repo / "faulty" / "1").mkdir(parents=True)
+    (repo / "faulty" / "config.pbtxt").write_text(FAULTY_CONFIG)
+    (repo / "faulty" / "1" / "model.py").write_text(FAULTY_PY)
+    files = root / "files"
+    files.mkdir()
+    (files / "exp.json").write_text(json.dumps(_experiment({"control": 0.5, "treatment": 0.5})))
+    shadow_log = root / "shadow.jsonl"
+    rep.write_router(repo, files / "exp.json", N_FEATURES, shadow_log=shadow_log)
+    rep.write_signal(repo, {1: THRESHOLDS})
+    rep.write_decision(repo, N_FEATURES)
+    (files / "good.json").write_text(json.dumps(_members("alpha", "beta")))
+    (files / "bad.json").write_text(json.dumps(_members("alpha", "faulty")))
+    rep.write_combiner(repo, files / "good.json", N_FEATURES, name="combiner")
+    rep.write_combiner(repo, files / "bad.json", N_FEATURES, name="combiner_bad")
+    cached = rep.Serving(instances=1, dynamic_batching=True, response_cache=True)
+    rep.write_signal(repo, {1: THRESHOLDS}, name="signal_cached", serving=cached)
+    http, grpc, metrics = free_ports(3)
+    settings = ServerSettings(
+        repo, http_port=http, grpc_port=grpc, metrics_port=metrics, cache_size_bytes=1 << 20
+    )
+    with LocalTriton(settings, log_path=root / "triton.log") as server:
+        yield Served(server, repo, shadow_log)
+
+
+def _route(
+    s: Served, x: np.ndarray, keys: list[str] | None = None, **params: Any
+) -> dict[str, np.ndarray]:
+    inputs = [grpcclient.InferInput("features", list(x.shape), "FP32")]
+    inputs[0].set_data_from_numpy(x)
+    if keys is not None:
+        k = grpcclient.InferInput("key", [len(keys), 1], "BYTES")
+        k.set_data_from_numpy(np.array([[k.encode()] for k in keys], dtype=np.object_))
+        inputs.append(k)
+    with s.client() as c:
+        r = c.infer("router", inputs, parameters=params or None)
+    out = {n: r.as_numpy(n) for n in ("score", "arm", "model", "experiment_version")}
+    out["arm"] = np.array([a.decode() for a in out["arm"].reshape(-1)])
+    out["model"] = np.array([a.decode() for a in out["model"].reshape(-1)])
+    return out
+
+
+def _set_experiment(s: Served, doc: dict[str, Any]) -> None:
+    path = s.repo / "router" / rep.EXPERIMENT_FILE
+    path.write_text(json.dumps(doc))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new stamp, always
+
+
+KEYS = [f"acct-{i}" for i in range(10_000)]
+X_KEYS = RNG.normal(size=(len(KEYS), N_FEATURES)).astype(np.float32)
+
+
+def _route_all(s: Served) -> dict[str, np.ndarray]:
+    parts = [_route(s, X_KEYS[i : i + 1000], KEYS[i : i + 1000]) for i in range(0, 10_000, 1000)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_split_over_10000_keys_is_binomial_and_scores_are_the_arms(served: Served) -> None:
+    out = _route_all(served)
+    n = len(KEYS)
+    for arm, model in (("control", "alpha"), ("treatment", "beta")):
+        mine = out["arm"] == arm
+        assert abs(mine.sum() - n / 2) <= 4 * math.sqrt(n / 4), (arm, mine.sum())
+        assert set(out["model"][mine]) == {f"{model}:1"}
+        np.testing.assert_allclose(out["score"][mine], _oracle(model, X_KEYS[mine]), atol=1e-5)
+    assert "broken" not in set(out["arm"])  # weight 0
+    assert "gamma:1" not in set(out["model"])  # the shadow never answers
+
+
+def test_sticky_across_restart_and_minimal_move_on_a_weight_change(served: Served) -> None:
+    before = _route_all(served)["arm"]
+    with served.client() as c:  # a restart of the router: its process is replaced
+        c.unload_model("router", headers=served.server.grpc_admin_headers)
+        c.load_model("router", headers=served.server.grpc_admin_headers)
+    np.testing.assert_array_equal(_route_all(served)["arm"], before)
+    v2 = _experiment({"control": 0.5, "treatment": 0.5}, {"control": 0.8, "treatment": 0.2})
+    _set_experiment(served, v2)
+    try:
+        after = _route_all(served)
+        assert set(after["experiment_version"].reshape(-1).tolist()) == {2}
+        moved = after["arm"] != before
+        assert set(before[moved]) == {"treatment"} and set(after["arm"][moved]) == {"control"}
+        assert abs(moved.mean() - 0.3) < 0.03  # only the 30 % the change requires
+        want = ex.parse(v2)
+        np.testing.assert_array_equal(after["arm"], np.array(want.arms)[want.assign(KEYS)])
+    finally:
+        _set_experiment(served, _experiment({"control": 0.5, "treatment": 0.5}))
+
+
+def test_a_bad_experiment_file_keeps_the_previous_one_serving(served: Served) -> None:
+    v2 = _experiment({"control": 0.5, "treatment": 0.5}, {"control": 0.9, "treatment": 0.1})
+    _set_experiment(served, v2)
+    x = X_KEYS[:4]
+    assert _route(served, x, KEYS[:4])["experiment_version"].reshape(-1).tolist() == [2] * 4
+    bad = _experiment({"control": 0.5, "treatment": 0.5}, {"control": 0.9, "treatment": 0.2})
+    _set_experiment(served, bad)
+    try:
+        assert _route(served, x, KEYS[:4])["experiment_version"].reshape(-1).tolist() == [2] * 4
+        log = served.server.log_path
+        assert log is not None and "sum to 1.1" in log.read_text()
+        text = _metrics(served)
+        assert 'setsuna_router_reload_failures_total{router="router"} 1' in text
+    finally:
+        _set_experiment(served, _experiment({"control": 0.5, "treatment": 0.5}))
+
+
+def _metrics(s: Served) -> str:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(s.server.metrics_url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def test_shadow_results_are_recorded_never_returned(served: Served) -> None:
+    start = served.shadow_log.stat().st_size if served.shadow_log.exists() else 0
+    x = RNG.normal(size=(7, N_FEATURES)).astype(np.float32)
+    out = _route(served, x, [f"s{i}" for i in range(7)])
+    assert not any(m.startswith("gamma") for m in out["model"])
+    with served.shadow_log.open() as f:
+        f.seek(start)
+        records = [json.loads(line) for line in f]
+    mine = [r for r in records if len(r["score"]) == 7]
+    assert len(mine) == 1 and mine[0]["shadow"] == "gamma:1"
+    np.testing.assert_allclose(
+        np.array(mine[0]["score"]).reshape(-1, 1), _oracle("gamma", x), atol=1e-5
+    )
+    np.testing.assert_allclose(np.array(mine[0]["primary"]).reshape(-1, 1), out["score"], atol=0)
+    assert 'setsuna_router_shadow_rows_total{model="gamma:1",outcome="ok",router="router"}' in (
+        _metrics(served)
+    )
+
+
+def test_decision_equals_signal_of_router(served: Served) -> None:
+    x = RNG.normal(size=(64, N_FEATURES)).astype(np.float32)
+    keys = [f"d{i}" for i in range(64)]
+    routed = _route(served, x, keys)
+    inputs = [
+        grpcclient.InferInput("features", list(x.shape), "FP32"),
+        grpcclient.InferInput("key", [64, 1], "BYTES"),
+    ]
+    inputs[0].set_data_from_numpy(x)
+    inputs[1].set_data_from_numpy(np.array([[k.encode()] for k in keys], dtype=np.object_))
+    with served.client() as c:
+        r = c.infer("decision", inputs)
+    code, conf = signal.decide(routed["score"], THRESHOLDS)
+    np.testing.assert_array_equal(r.as_numpy("signal").reshape(-1), code)
+    np.testing.assert_allclose(r.as_numpy("confidence").reshape(-1), conf, atol=1e-7)
+    np.testing.assert_array_equal(r.as_numpy("score"), routed["score"])
+    assert [m.decode() for m in r.as_numpy("model").reshape(-1)] == routed["model"].tolist()
+    assert {p.decode() for p in r.as_numpy("policy").reshape(-1)} == {"signal:1"}
+    assert {-1, 0, 1} <= set(code.tolist()) | {-1, 0, 1}
+
+
+def test_combiner_is_the_weighted_average_by_hand(served: Served) -> None:
+    x = RNG.normal(size=(33, N_FEATURES)).astype(np.float32)
+    inp = grpcclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    with served.client() as c:
+        r = c.infer("combiner", [inp])
+    want = 0.75 * _oracle("alpha", x) + 0.25 * _oracle("beta", x)
+    np.testing.assert_allclose(r.as_numpy("score"), want, atol=1e-6)
+    assert {m.decode() for m in r.as_numpy("models").reshape(-1)} == {"alpha:1,beta:1"}
+
+
+def test_a_failing_member_or_arm_is_an_error_not_a_default(served: Served) -> None:
+    x = RNG.normal(size=(3, N_FEATURES)).astype(np.float32)
+    inp = grpcclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    with served.client() as c, pytest.raises(InferenceServerException, match="faulty:1 failed"):
+        c.infer("combiner_bad", [inp])
+    with pytest.raises(InferenceServerException, match=r"arm 'broken'.*faulty engine"):
+        _route(served, x, arm="broken")
+    assert _route(served, x, arm="control")["model"].tolist() == ["alpha:1"] * 3
+
+
+@pytest.mark.parametrize(
+    ("keys", "params", "x", "message"),
+    [
+        (None, {}, np.zeros((2, N_FEATURES), np.float32), "no sticky key"),
+        (None, {"arm": "nope"}, np.zeros((2, N_FEATURES), np.float32), "unknown arm 'nope'"),
+        (["a", "b"], {}, np.full((2, N_FEATURES), np.nan, np.float32), "NaN or inf"),
+    ],
+)
+def test_router_refuses_bad_requests_clearly(
+    served: Served, keys: list[str] | None, params: dict[str, str], x: np.ndarray, message: str
+) -> None:
+    with pytest.raises(InferenceServerException, match=message) as err:
+        _route(served, x, keys, **params)
+    assert "INVALID_ARGUMENT" in str(err.value.status())
+
+
+def _signal(s: Served, model: str, p: float) -> tuple[int, str]:
+    inp = grpcclient.InferInput("score", [1, 1], "FP32")
+    inp.set_data_from_numpy(np.array([[p]], dtype=np.float32))
+    with s.client() as c:
+        r = c.infer(model, [inp])
+    return int(r.as_numpy("signal")[0, 0]), r.as_numpy("policy")[0, 0].decode()
+
+
+def test_cache_never_serves_an_answer_of_an_older_version(served: Served) -> None:
+    assert _signal(served, "signal_cached", 0.6) == (signal.BUY, "signal_cached:1")
+    assert _signal(served, "signal_cached", 0.6) == (signal.BUY, "signal_cached:1")
+    with served.client() as c:
+        stats = c.get_inference_statistics("signal_cached").model_stats[0]
+        assert stats.inference_stats.cache_hit.count >= 1  # the cache really answers
+        folder = served.repo / "signal_cached"
+        shutil.copytree(folder / "1", folder / "2")
+        stricter = signal.Thresholds(buy_at=0.65, sell_at=0.45).to_json()
+        (folder / "2" / signal.THRESHOLDS_FILE).write_text(json.dumps(stricter))
+        c.load_model("signal_cached", headers=served.server.grpc_admin_headers)
+    assert _signal(served, "signal_cached", 0.6) == (signal.HOLD, "signal_cached:2")
