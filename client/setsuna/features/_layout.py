@@ -72,7 +72,7 @@ class Layout:
 
 
 def compile_layout(spec: FeatureSpec) -> Layout:
-    keys: dict[tuple[object, ...], int] = {}
+    keys: dict[tuple[object, ...], list[int]] = {}
     rows: list[list[int]] = []
     fparams: list[float] = []
     session_names: list[str] = []
@@ -96,12 +96,16 @@ def compile_layout(spec: FeatureSpec) -> Layout:
         if info.block == BB:
             fp = float(params["width_std"])
         key = (info.block, *ints, fp)
-        if key not in keys:
-            keys[key] = len(rows)
+        free = [i for i in keys.get(key, []) if rows[i][B_OUT0 + info.output] < 0]
+        if free:
+            block = free[0]
+        else:  # a new block, or the same output named twice: compute it again
+            block = len(rows)
+            keys.setdefault(key, []).append(block)
             rows.append([info.block, offset, *ints, -1, -1, -1])
             fparams.append(fp)
             offset += _state_width(info.block, ints[0])
-        rows[keys[key]][B_OUT0 + info.output] = column
+        rows[block][B_OUT0 + info.output] = column
     sessions = [get_session(n) for n in session_names]
     max_windows = max((len(s.windows) for s in sessions), default=0)
     table = np.zeros((max(len(sessions), 1), 3 + 2 * max_windows), dtype=np.int64)
