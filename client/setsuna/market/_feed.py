@@ -47,7 +47,9 @@ def _pandas() -> Any:
     try:
         import pandas as pd
     except ImportError as exc:  # pragma: no cover - the features extra brings it
-        raise ConfigError("reading bar files needs pandas: pip install 'setsuna[features]'") from exc
+        raise ConfigError(
+            "reading bar files needs pandas: pip install 'setsuna[features]'"
+        ) from exc
     return pd
 
 
@@ -72,7 +74,7 @@ def timestamps_ns(column: pd.Series) -> npt.NDArray[np.int64]:
     """UTC ns since the epoch from datetimes (naive = UTC), integers (ns) or ISO strings."""
     pd = _pandas()
     if pd.api.types.is_integer_dtype(column.dtype):
-        return column.to_numpy(dtype=np.int64)
+        return np.asarray(column.to_numpy(dtype=np.int64), dtype=np.int64)
     try:
         parsed = pd.to_datetime(column, utc=True)
     except (ValueError, TypeError) as exc:
@@ -81,12 +83,12 @@ def timestamps_ns(column: pd.Series) -> npt.NDArray[np.int64]:
             "datetimes or integer ns since the epoch"
         ) from exc
     naive_utc = parsed.dt.tz_localize(None).dt.as_unit("ns")
-    return naive_utc.to_numpy(dtype="datetime64[ns]").view(np.int64).copy()
+    return np.array(naive_utc.to_numpy(dtype="datetime64[ns]").view(np.int64), dtype=np.int64)
 
 
 def _float_column(frame: pd.DataFrame, name: str) -> npt.NDArray[np.float64]:
     try:
-        return frame[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        return np.asarray(frame[name].to_numpy(dtype=np.float64, na_value=np.nan), np.float64)
     except (ValueError, TypeError) as exc:
         raise DataFormatError(f"column {name!r} is not numeric: {exc}") from exc
 

@@ -63,7 +63,9 @@ class TradingSession:
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"unknown time zone {self.time_zone!r}: {exc}") from exc
         offsets = {
-            zone.utcoffset(datetime(year, month, 1)) for year in (1990, 2010, 2030) for month in (1, 7)
+            zone.utcoffset(datetime(year, month, 1))
+            for year in (1990, 2010, 2030)
+            for month in (1, 7)
         }
         if len(offsets) != 1:
             raise ConfigError(
