@@ -5,6 +5,7 @@ Everything a feature engine consumes arrives as :data:`BAR_DTYPE` arrays;
 Real data sets that packages ship live in :mod:`setsuna.market.datasets`.
 """
 
+from setsuna.market import datasets
 from setsuna.market._bars import BarBuilder
 from setsuna.market._feed import (
     OPTIONAL_COLUMNS,
@@ -35,6 +36,7 @@ __all__ = [
     "Tick",
     "TradingSession",
     "bars_to_records",
+    "datasets",
     "empty_records",
     "frame_to_records",
     "get_session",
