@@ -72,6 +72,39 @@ def _experiment(*weights: dict[str, float]) -> dict[str, Any]:
     }
 
 
+#: The selector's slow variant: a plain Python model that expands each row to 1,024
+#: copies and runs them through 8 layers of 256 x 256 in numpy (~540M multiply-adds
+#: per row): real work, an order of magnitude above the logistic models anywhere.
+SLOW_PY = """\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)  # one core, like any one model instance
+        rng = np.random.default_rng(0)
+        self.w_in = rng.normal(size=(N_FEATURES, 256)).astype(np.float32)
+        self.b_in = rng.normal(size=(1024, 256)).astype(np.float32)
+        self.hidden = [rng.normal(size=(256, 256)).astype(np.float32) / 16 for _ in range(8)]
+        self.w_out = rng.normal(size=(256, 1)).astype(np.float32) / 16
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "features").as_numpy()
+            h = np.maximum(x[:, None, :] @ self.w_in + self.b_in, 0)
+            for w in self.hidden:
+                h = np.maximum(h @ w, 0)
+            z = (h @ self.w_out).mean(axis=1)
+            p = (1 / (1 + np.exp(-z))).astype(np.float32)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", p)]))
+        return out
+""".replace("N_FEATURES", str(N_FEATURES))
+
+
 def _oracle(name: str, x: np.ndarray) -> np.ndarray:
     z = x.astype(np.float64) @ W[name].astype(np.float64)
     return (1.0 / (1.0 + np.exp(-z))).reshape(-1, 1)
@@ -97,6 +130,23 @@ def _members(*names: str) -> dict[str, Any]:
     }
 
 
+def _selector(budget_ms: float) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "family": "f",
+        "budget_p99_ms": budget_ms,
+        "variants": [
+            {"model": "slow", "version": 1, "prior_accuracy": 0.99},
+            {"model": "alpha", "version": 1, "prior_accuracy": 0.9},
+        ],
+        "margin": 0.2,
+        "min_dwell_calls": 5,
+        "probe_interval_ms": 10,
+        "window": 20,
+        "prior_weight": 100,
+    }
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("ensembles")
@@ -114,6 +164,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             echo=False,
         )
     repo = root / "local"
+    (repo / "slow" / "1").mkdir(parents=True)
+    (repo / "slow" / "config.pbtxt").write_text(FAULTY_CONFIG.replace("faulty", "slow"))
+    (repo / "slow" / "1" / "model.py").write_text(SLOW_PY)
     (repo / "faulty" / "1").mkdir(parents=True)
     (repo / "faulty" / "config.pbtxt").write_text(FAULTY_CONFIG)
     (repo / "faulty" / "1" / "model.py").write_text(FAULTY_PY)
@@ -130,6 +183,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     rep.write_combiner(repo, files / "bad.json", N_FEATURES, name="combiner_bad")
     cached = rep.Serving(instances=1, dynamic_batching=True, response_cache=True)
     rep.write_signal(repo, {1: THRESHOLDS}, name="signal_cached", serving=cached)
+    (files / "selector.json").write_text(json.dumps(_selector(1000.0)))
+    outcomes = root / "outcomes.db"
+    rep.write_selector(
+        repo, files / "selector.json", N_FEATURES, outcomes_db=outcomes, refresh_s=0.0
+    )
+    rep.write_feedback(repo, outcomes)
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(
         repo, http_port=http, grpc_port=grpc, metrics_port=metrics, cache_size_bytes=1 << 20
@@ -326,3 +385,75 @@ def test_cache_never_serves_an_answer_of_an_older_version(served: Served) -> Non
         (folder / "2" / signal.THRESHOLDS_FILE).write_text(json.dumps(stricter))
         c.load_model("signal_cached", headers=served.server.grpc_admin_headers)
     assert _signal(served, "signal_cached", 0.6) == (signal.HOLD, "signal_cached:2")
+
+
+def _select(s: Served, n: int) -> list[str]:
+    x = RNG.normal(size=(1, N_FEATURES)).astype(np.float32)
+    inp = grpcclient.InferInput("features", [1, N_FEATURES], "FP32")
+    inp.set_data_from_numpy(x)
+    out = []
+    with s.client() as c:
+        for _ in range(n):
+            r = c.infer("selector", [inp])
+            out.append(r.as_numpy("model")[0, 0].decode())
+    return out
+
+
+def _gauges(s: Served, name: str) -> dict[str, float]:
+    out = {}
+    for line in _metrics(s).splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            model = labels.split('model="')[1].split('"')[0]
+            out[model] = float(value)
+    return out
+
+
+def _set_selector(s: Served, doc: dict[str, Any]) -> None:
+    path = s.repo / "selector" / rep.SELECTOR_FILE
+    path.write_text(json.dumps(doc))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def test_selector_switches_when_the_budget_changes_and_not_before(served: Served) -> None:
+    assert set(_select(served, 60)) == {"slow:1"}  # most accurate, fits 1 s: never left
+    p99 = _gauges(served, "setsuna_selector_p99_ms")
+    slow, fast = p99["slow:1"], p99["alpha:1"]
+    assert slow > 0 and fast > 0, p99  # both measured (the other one by probes)
+    # A budget between the two, clear of both by the margin when they differ enough.
+    budget = math.sqrt(slow * fast)
+    if not (fast <= budget * 0.8 and slow > budget * 1.2):
+        pytest.skip(f"variants too close to separate here: p99 {p99}")
+    _set_selector(served, _selector(budget))
+    try:
+        after = _select(served, 40)
+        first = after.index("alpha:1")
+        assert first >= 5, after  # the new file resets the measurements: not before
+        assert set(after[first:]) == {"alpha:1"}  # and no flapping back
+    finally:
+        _set_selector(served, _selector(1000.0))
+
+
+def test_feedback_outcomes_move_the_selector_to_the_more_accurate(served: Served) -> None:
+    _set_selector(served, _selector(1000.0))
+    assert _select(served, 3) == ["slow:1"] * 3
+    n = 300
+    with served.client() as c:
+        models = np.array([[b"slow:1"]] * n + [[b"alpha:1"]] * n, dtype=np.object_)
+        score = np.full((2 * n, 1), 0.9, dtype=np.float32)
+        outcome = np.array([[0.0]] * n + [[1.0]] * n, dtype=np.float32)  # slow always wrong
+        inputs = [
+            grpcclient.InferInput("model", [2 * n, 1], "BYTES"),
+            grpcclient.InferInput("score", [2 * n, 1], "FP32"),
+            grpcclient.InferInput("outcome", [2 * n, 1], "FP32"),
+        ]
+        for inp, arr in zip(inputs, (models, score, outcome), strict=True):
+            inp.set_data_from_numpy(arr)
+        r = c.infer("feedback", inputs)
+    acc = r.as_numpy("accuracy").reshape(-1)
+    assert acc[0] == 0.0 and acc[-1] == 1.0
+    assert r.as_numpy("outcomes").reshape(-1).tolist() == [n] * (2 * n)
+    # accuracy blends: slow (0.99*100 + 0) / 400 < alpha (0.9*100 + 300) / 400
+    seen = _select(served, 60)
+    assert seen[-1] == "alpha:1" and seen.count("alpha:1") >= 40, seen
