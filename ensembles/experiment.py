@@ -32,7 +32,7 @@ import json
 import math
 import string
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,6 +45,8 @@ FORMAT: Final = 1
 #: Assignment granularity: weights are honoured to 1 / BUCKETS (0.01 %).
 BUCKETS: Final = 10_000
 _WEIGHT_TOLERANCE: Final = 1e-6
+#: Keys whose arm is remembered (per experiment version) before the memo is reset.
+_CACHE_KEYS: Final = 100_000
 _MODEL_NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "_-.")
 
 
@@ -73,6 +75,7 @@ class Experiment:
     version: int
     weights: Mapping[str, float]
     table: npt.NDArray[np.int16]  # bucket -> arm index
+    _cache: dict[str | bytes, int] = field(default_factory=dict, compare=False, repr=False)
 
     def arm_index(self, arm: str) -> int:
         try:
@@ -89,9 +92,11 @@ class Experiment:
         return int.from_bytes(digest, "little") % BUCKETS
 
     def assign(self, keys: Iterable[str | bytes]) -> npt.NDArray[np.int16]:
-        """Arm index of each key (hashing each distinct key once)."""
+        """Arm index of each key (each distinct key hashed once per experiment version)."""
         keys = list(keys)
-        cache: dict[str | bytes, int] = {}
+        cache = self._cache
+        if len(cache) > _CACHE_KEYS:  # bounded: a stream of one-off keys cannot grow it
+            cache.clear()
         out = np.empty(len(keys), dtype=np.int16)
         for i, k in enumerate(keys):
             a = cache.get(k)

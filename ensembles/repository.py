@@ -94,9 +94,24 @@ def write_router(
     name: str = "router",
     serving: Serving = Serving(),
     shadow_log: Path | None = None,
+    in_process: bool = False,
+    thresholds: signal.Thresholds | None = None,
 ) -> Path:
-    """The router, with a validated copy of ``experiment_file`` beside it."""
-    experiment.load(experiment_file)  # refuse a bad file at build time
+    """The router, with a validated copy of ``experiment_file`` beside it.
+
+    ``in_process``: run the arms' engines inside the router (loaded from their
+    verified version folders in ``repo``) instead of one BLS call per arm.
+    ``thresholds``: also apply the signal, so one model answers with the
+    decision (``decide``): with ``in_process``, one hop from features to trade.
+    """
+    exp = experiment.load(experiment_file)  # refuse a bad file at build time
+    if in_process:
+        missing = [t.label for t in exp.targets if not (repo / t.model / str(t.version)).is_dir()]
+        if missing:
+            raise ConfigError(
+                f"in-process arms {missing} have no version folder in {repo}; "
+                "build them first (make build-engines)"
+            )
     cfg = mc.ModelConfig(name=name, backend="python")
     serving.apply(cfg)
     cfg.input.append(mc.ModelInput(**_io(INPUT_NAME, mc.TYPE_FP32, [n_features])))
@@ -105,11 +120,18 @@ def write_router(
     cfg.output.append(mc.ModelOutput(name="arm", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.output.append(mc.ModelOutput(name="model", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.output.append(mc.ModelOutput(name="experiment_version", data_type=mc.TYPE_INT32, dims=[1]))
+    if thresholds is not None:
+        cfg.output.append(mc.ModelOutput(name="signal", data_type=mc.TYPE_INT8, dims=[1]))
+        cfg.output.append(mc.ModelOutput(name="confidence", data_type=mc.TYPE_FP32, dims=[1]))
+        cfg.output.append(mc.ModelOutput(name="policy", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.parameters["experiment_file"].string_value = EXPERIMENT_FILE
+    cfg.parameters["in_process"].string_value = "true" if in_process else "false"
     if shadow_log is not None:
         cfg.parameters["shadow_log"].string_value = str(shadow_log)
-    folder = _write(repo, cfg, {1: "router"})
+    folder = _write(repo, cfg, {1: "decide" if in_process else "router"})
     shutil.copyfile(experiment_file, folder / EXPERIMENT_FILE)
+    if thresholds is not None:
+        (folder / "1" / signal.THRESHOLDS_FILE).write_text(json.dumps(thresholds.to_json()))
     return folder
 
 

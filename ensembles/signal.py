@@ -73,9 +73,8 @@ def decide(
     upstream model must not turn into a confident trade.
     """
     q = np.asarray(p, dtype=np.float64).reshape(-1)
-    bad = ~((q >= 0.0) & (q <= 1.0))  # NaN compares False both ways
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    if not ((q >= 0.0) & (q <= 1.0)).all():  # NaN compares False both ways
+        i = int(np.flatnonzero(~((q >= 0.0) & (q <= 1.0)))[0])
         raise InputError(
             f"probability {q[i]!r} at row {i} is outside [0, 1]; the upstream model is "
             "broken or not a classifier"
@@ -84,15 +83,9 @@ def decide(
     # as 0.4 is on the SELL edge of sell_at=0.4, not 6e-9 above it.
     q32 = q.astype(np.float32)
     buy, sell = q32 >= np.float32(t.buy_at), q32 <= np.float32(t.sell_at)
-    code = np.where(buy, BUY, np.where(sell, SELL, HOLD)).astype(np.int8)
-    half = (t.buy_at - t.sell_at) / 2.0
-    conf = np.where(
-        code == BUY,
-        (q - t.buy_at) / (1.0 - t.buy_at),
-        np.where(
-            code == SELL,
-            (t.sell_at - q) / t.sell_at,
-            np.minimum(q - t.sell_at, t.buy_at - q) / half,
-        ),
-    )
+    code = buy.astype(np.int8) - sell.astype(np.int8)
+    # Each zone's distance, scaled to [0, 1]; the zone picks which one applies.
+    hold = np.minimum(q - t.sell_at, t.buy_at - q) * (2.0 / (t.buy_at - t.sell_at))
+    conf = np.where(buy, (q - t.buy_at) / (1.0 - t.buy_at), hold)
+    conf = np.where(sell, (t.sell_at - q) / t.sell_at, conf)
     return code, np.clip(conf, 0.0, 1.0).astype(np.float32)

@@ -25,6 +25,7 @@ class Watched(Generic[T]):
         self.path, self._load = path, load
         self._stamp = self._stat()
         self.current: T = load(path)
+        self._previous: T = self.current
         self.last_error = ""
         self.reloads = 0
         self.failures = 0
@@ -48,6 +49,12 @@ class Watched(Generic[T]):
             self.failures += 1
             self.last_error = f"{exc} (still serving the previous file)"
             return False
-        self.current, self.last_error = fresh, ""
+        self._previous, self.current, self.last_error = self.current, fresh, ""
         self.reloads += 1
         return True
+
+    def rollback(self, why: str) -> None:
+        """Undo the last reload: the file parsed but could not take effect."""
+        self.current = self._previous
+        self.failures += 1
+        self.last_error = why

@@ -137,6 +137,8 @@ class RunSpec:
     timeout_s: float = 60.0
     #: HTTP headers (``-H``); perf_analyzer ignores them over gRPC.
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: Request parameters (``--request-parameter name:value:string``), e.g. a sticky key.
+    parameters: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -177,6 +179,8 @@ class RunSpec:
             str(csv_path),
             "--verbose-csv",
         ]
+        for key, value in self.parameters.items():
+            out += ["--request-parameter", f"{key}:{value}:string"]
         if self.protocol == "http":
             out += ["--input-tensor-format", "binary", "--output-tensor-format", "binary"]
             for key, value in self.headers.items():
@@ -470,13 +474,19 @@ def _tail(text: str) -> str:
 
 
 def write_input_json(
-    rows: npt.NDArray[np.float32], path: Path, *, input_name: str, limit: int | None = None
+    rows: npt.NDArray[np.float32],
+    path: Path,
+    *,
+    input_name: str,
+    limit: int | None = None,
+    strings: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
     """Write rows as perf_analyzer ``--input-data`` JSON: one batch-1 entry per row.
 
     Each entry is the row flattened (a fixed-shape input takes a flat list);
     9 significant digits round-trip float32 exactly. perf_analyzer cycles
     through the entries, and a ``-b N`` request takes N consecutive ones.
+    ``strings`` adds BYTES inputs of shape [1], one value per row (a sticky key).
     """
     x = np.ascontiguousarray(rows, dtype=np.float32)
     if limit is not None:
@@ -486,13 +496,20 @@ def write_input_json(
     if not np.isfinite(x).all():
         raise PerfAnalyzerError("input rows contain NaN/inf: the models refuse them")
     flat = x.reshape(len(x), -1)
+    extra = dict(strings or {})
+    short = [k for k, v in extra.items() if len(v) < len(flat)]
+    if short:
+        raise PerfAnalyzerError(
+            f"string inputs {short} have fewer values than the {len(flat)} rows"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     name = json.dumps(input_name)
     with path.open("w") as f:
         f.write('{"data": [\n')
         for i, row in enumerate(flat):
             values = ",".join(f"{v:.9g}" for v in row.tolist())
-            f.write(f"{',' if i else ''}{{{name}: [{values}]}}\n")
+            more = "".join(f", {json.dumps(k)}: [{json.dumps(v[i])}]" for k, v in extra.items())
+            f.write(f"{',' if i else ''}{{{name}: [{values}]{more}}}\n")
         f.write("]}\n")
     return path
 

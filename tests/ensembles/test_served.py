@@ -27,6 +27,7 @@ from build_engines.spec import ModelSpec
 from ensembles import experiment as ex
 from ensembles import repository as rep
 from ensembles import signal
+from setsuna.errors import SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import logistic_candidate, logistic_source
 
@@ -177,6 +178,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     rep.write_router(repo, files / "exp.json", N_FEATURES, shadow_log=shadow_log)
     rep.write_signal(repo, {1: THRESHOLDS})
     rep.write_decision(repo, N_FEATURES)
+    in_process = _experiment({"control": 0.5, "treatment": 0.5})
+    in_process["arms"].pop("broken")  # a plain Python model: no engine to load in process
+    (files / "exp_decide.json").write_text(json.dumps(in_process))
+    rep.write_router(
+        repo,
+        files / "exp_decide.json",
+        N_FEATURES,
+        name="decide",
+        in_process=True,
+        thresholds=THRESHOLDS,
+        shadow_log=root / "decide-shadow.jsonl",
+    )
     (files / "good.json").write_text(json.dumps(_members("alpha", "beta")))
     (files / "bad.json").write_text(json.dumps(_members("alpha", "faulty")))
     rep.write_combiner(repo, files / "good.json", N_FEATURES, name="combiner")
@@ -457,3 +470,47 @@ def test_feedback_outcomes_move_the_selector_to_the_more_accurate(served: Served
     # accuracy blends: slow (0.99*100 + 0) / 400 < alpha (0.9*100 + 300) / 400
     seen = _select(served, 60)
     assert seen[-1] == "alpha:1" and seen.count("alpha:1") >= 40, seen
+
+
+def test_decide_in_one_hop_equals_the_decision_ensemble(served: Served) -> None:
+    x = RNG.normal(size=(50, N_FEATURES)).astype(np.float32)
+    keys = [f"one-hop-{i}" for i in range(50)]
+    inputs = [
+        grpcclient.InferInput("features", list(x.shape), "FP32"),
+        grpcclient.InferInput("key", [50, 1], "BYTES"),
+    ]
+    inputs[0].set_data_from_numpy(x)
+    inputs[1].set_data_from_numpy(np.array([[k.encode()] for k in keys], dtype=np.object_))
+    with served.client() as c:
+        ens = c.infer("decision", inputs)
+        one = c.infer("decide", inputs)
+        only = c.infer("decide", inputs, outputs=[grpcclient.InferRequestedOutput("signal")])
+    for name in ("signal", "score", "arm", "model", "experiment_version"):
+        np.testing.assert_array_equal(one.as_numpy(name), ens.as_numpy(name), err_msg=name)
+    np.testing.assert_allclose(one.as_numpy("confidence"), ens.as_numpy("confidence"), atol=1e-7)
+    assert {p.decode() for p in one.as_numpy("policy").reshape(-1)} == {"decide:1"}
+    assert only.as_numpy("model") is None  # only what was asked for
+    np.testing.assert_array_equal(only.as_numpy("signal"), ens.as_numpy("signal"))
+
+
+def test_decide_refuses_to_load_a_tampered_arm(served: Served, tmp_path: Path) -> None:
+    """In-process arms are verified like their own Triton models: a changed byte stops it."""
+    repo = tmp_path / "repo"
+    shutil.copytree(served.repo / "alpha", repo / "alpha")
+    shutil.copytree(served.repo / "beta", repo / "beta")
+    exp = _experiment({"control": 0.5, "treatment": 0.5})
+    exp["arms"].pop("broken")
+    exp.pop("shadow")
+    (tmp_path / "exp.json").write_text(json.dumps(exp))
+    rep.write_router(repo, tmp_path / "exp.json", N_FEATURES, name="decide", in_process=True)
+    onnx_file = repo / "beta" / "1" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    http, grpc, metrics = free_ports(3)
+    settings = ServerSettings(
+        repo, http_port=http, grpc_port=grpc, metrics_port=metrics, load_models=("decide",)
+    )
+    server = LocalTriton(settings, log_path=tmp_path / "triton.log")
+    with pytest.raises(SetsunaError, match="decide"):
+        server.start()
+    server.stop()
+    assert "model.onnx" in (tmp_path / "triton.log").read_text()

@@ -1,0 +1,35 @@
+"""``decide``: the router with its arms' engines and the signal in one process.
+
+Same experiment, stickiness, counters and outputs as the router (plus the
+signal when the version folder holds ``thresholds.json``), but the arms run
+in this process from their verified version folders and ``execute`` is plain
+synchronous code: one hop from features to a decision, no BLS round trip and
+no event loop per request. A shadow model, if the experiment names one, is
+still called through BLS (synchronously, after the arms: its time is added
+to the answer's; the router proper overlaps it instead).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ensembles.models import common
+from ensembles.models.router import RouterBase
+from setsuna.errors import ConfigError
+
+
+class TritonPythonModel(RouterBase):
+    def initialize(self, args: dict[str, Any]) -> None:
+        super().initialize(args)
+        if self.arms is None:
+            raise ConfigError(f"{self.name}: decide runs its arms in process: set in_process")
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        b = self._gather(requests)
+        if not b.kept:
+            return b.responses
+        self.score_in_process(b)
+        shadow = None
+        if b.exp.shadow is not None:
+            shadow = common.bls_request(b.exp.shadow, b.x).exec()
+        return self._finish(b, requests, shadow)
