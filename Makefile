@@ -26,6 +26,7 @@ install: $(STAMP)
 ## Train the example models, build every candidate, gate them, write both targets.
 build-engines: $(STAMP)
 	$(PY) -m build_engines --target all --out $(REPO) $(BUILD_FLAGS)
+	$(PY) -m ensembles --model-repository $(REPO)/local
 
 ## The real tritonserver from the nvidia-pytriton wheel on the local target (Ctrl-C stops).
 serve: $(STAMP)
@@ -56,6 +57,9 @@ perf: $(STAMP) perf-setup
 	$(PY) perf/engines.py
 	test -f $(REPO)/local/lightgbm/config.pbtxt || $(MAKE) build-engines
 	$(PY) -m perf.triton --model-repository $(REPO)/local $(PERF_FLAGS)
+	$(PY) -m perf.targets --model-repository $(REPO)/local
+	$(PY) -m perf.ensembles --model-repository $(REPO)/local
+	$(PY) perf/features.py
 
 # Peer servers for perf-peers live in their own venv, never in $(VENV) nor CI.
 # mlserver 1.7.1 needs fastapi<0.116 and ray[serve]>=2.56 needs a newer one

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -48,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     with LocalTriton(settings) as server:
         print(f"tritonserver ready at grpc://{server.grpc_url} with {', '.join(settings.models)}")
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        for name in settings.models:
+        engines = [
+            n
+            for n in settings.models
+            if (args.model_repository / n / "1" / manifest.MANIFEST_NAME).is_file()
+        ]
+        for name in engines:
             folder = args.model_repository / name / "1"
             m = manifest.verify(folder)
             x = demo_rows(m.schema)
@@ -65,9 +71,34 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(len(x)):
                 d = "long" if got[i, 0] >= m.decision_threshold else "flat/short"
                 print(f"  {i:<4} {got[i, 0]:.6f}   {local[i, 0]:.6f}    {d}")
+        if "decide" in settings.models:
+            _decisions(
+                client, demo_rows(manifest.read(args.model_repository / engines[0] / "1").schema)
+            )
         client.close()
     print(f"\nmax |triton - in-process| = {worst:.2e}")
     return 0 if worst <= ATOL else 1
+
+
+def _decisions(client: Any, x: F32) -> None:
+    """One request to ``decide``: each row a symbol, routed by its A/B arm, then signalled."""
+    symbols = [f"SYM{i}" for i in range(len(x))]
+    inputs = [
+        grpcclient.InferInput(INPUT_NAME, list(x.shape), "FP32"),
+        grpcclient.InferInput("key", [len(x), 1], "BYTES"),
+    ]
+    inputs[0].set_data_from_numpy(x)
+    inputs[1].set_data_from_numpy(np.array([[s.encode()] for s in symbols], dtype=np.object_))
+    r = client.infer("decide", inputs)
+    names = {1: "BUY", 0: "HOLD", -1: "SELL"}
+    print("\ndecide (A/B arm by symbol, engine in process, signal): one request")
+    print("  symbol  arm        model       score     signal  confidence")
+    for i, sym in enumerate(symbols):
+        print(
+            f"  {sym:<7} {r.as_numpy('arm')[i, 0].decode():<10} "
+            f"{r.as_numpy('model')[i, 0].decode():<11} {r.as_numpy(OUTPUT_NAME)[i, 0]:.6f}  "
+            f"{names[int(r.as_numpy('signal')[i, 0])]:<7} {r.as_numpy('confidence')[i, 0]:.3f}"
+        )
 
 
 if __name__ == "__main__":

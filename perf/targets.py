@@ -2,7 +2,7 @@
 
     .venv/bin/python -m perf.targets [--model-repository model_repository/local]
 
-Starts the local Triton with every example model loaded (the tuned configs
+Starts the local Triton with every example engine loaded (the tuned configs
 of ``perf/tuned.json``), drives ``lightgbm`` with perf_analyzer on distinct
 held-out rows (client on the same 2 cores), and prints each figure beside
 its target with PASS/MISS: c=1 p99 over HTTP and gRPC, single-row infer/s and
@@ -48,8 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     data = pa.write_input_json(rows, OUT / "targets_rows.json", input_name="features")
     http, grpc, metrics = free_ports(3)
+    # The engines only: the memory target is about the example models, and the
+    # ensembles (router, decide, ...) are measured by perf/ensembles.py.
+    engines = tuple(
+        sorted(
+            p.name
+            for p in args.model_repository.iterdir()
+            if (p / "1" / manifest.MANIFEST_NAME).is_file()
+        )
+    )
     settings = ServerSettings(
-        args.model_repository, http_port=http, grpc_port=grpc, metrics_port=metrics
+        args.model_repository,
+        http_port=http,
+        grpc_port=grpc,
+        metrics_port=metrics,
+        load_models=engines,
     )
     results: dict[str, pa.RunResult] = {}
     with LocalTriton(settings) as server:

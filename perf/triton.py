@@ -61,7 +61,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -354,6 +354,7 @@ def choose(
     *,
     allow_cache: bool = False,
     c1_budget_us: float = C1_BUDGET_P99_US,
+    stalled_elsewhere: Collection[str] = (),
 ) -> Choice:
     """Highest throughput within the p99 budget; among ties (5 %), fewest instances, then
     the lowest c=1 p99.
@@ -369,6 +370,10 @@ def choose(
         v = vr.variant
         if vr.stalled:
             not_eligible[v.name] = STALL_WHY
+        elif v.name in stalled_elsewhere:
+            # The stall is the batcher's, not the model's: a variant that stalled
+            # serving another model is not proven safe by one clean run here.
+            not_eligible[v.name] = "stalled serving another model in this sweep: " + STALL_WHY
         elif not vr.sweep(protocol):
             not_eligible[v.name] = vr.server_error or "no successful run"
         elif v.serving.response_cache and not allow_cache:
@@ -469,6 +474,8 @@ class Sweep:
         self.echo = echo
         self.deadline = time.monotonic() + settings.max_minutes * 60
         self.skipped = 0
+        #: Variants that stalled on any model so far (see VariantResult.stalled).
+        self.stalled: set[str] = set()
 
     def _budget_left(self) -> bool:
         return time.monotonic() < self.deadline
@@ -616,7 +623,14 @@ class Sweep:
             plan = self.sweep_plan(data, budget_us, detail=v.name == "default")
             self.serve_variant(model, repo, vr, plan)
             results.append(vr)
-        choice = choose(results, s.protocol, budget_us, allow_cache=s.allow_cache)
+        self.stalled |= {vr.variant.name for vr in results if vr.stalled}
+        choice = choose(
+            results,
+            s.protocol,
+            budget_us,
+            allow_cache=s.allow_cache,
+            stalled_elsewhere=self.stalled,
+        )
         if choice.variant is not None and choice.variant.variant.name != "default":
             name = choice.variant.variant.name
             self.echo(f"  {model.name} / {name} (chosen): detail runs")
@@ -977,6 +991,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"smoke run: variants {','.join(QUICK_VARIANTS)}, concurrency 1,32, 300 ms windows",
     )
+    p.add_argument(
+        "--stalled",
+        default="",
+        help="variants known to stall on this Triton build (from an earlier sweep): not eligible",
+    )
     p.add_argument("--allow-response-cache", action="store_true")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--tuned", type=Path, default=TUNED_PATH, help="file the choice is merged into")
@@ -1060,6 +1079,7 @@ def _main(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(binary, settings, out)
+    sweep.stalled |= {v for v in args.stalled.split(",") if v}
     began = time.monotonic()
     reports = []
     for m in models:
@@ -1068,6 +1088,17 @@ def _main(args: argparse.Namespace) -> int:
         reports.append(sweep.run_model(m, variants, budget))
         ch = reports[-1]["choice"]
         print(f"== {m.name}: chose {ch['variant']} ({ch['why']})", flush=True)
+    for r in reports:  # a variant chosen early may have stalled serving a later model
+        if r["_choice"].variant is not None and r["_choice"].variant.variant.name in sweep.stalled:
+            r["_choice"] = choose(
+                r["_results"],
+                settings.protocol,
+                r["budget_p99_ms"] * 1000,
+                allow_cache=settings.allow_cache,
+                stalled_elsewhere=sweep.stalled,
+            )
+            r["choice"] = _choice_json(r["_choice"], settings.protocol)
+            print(f"== {r['model']}: re-chose {r['choice']['variant']} (a later model stalled it)")
     doc: dict[str, Any] = {
         "tool": "perf/triton.py",
         "perf_analyzer": version,

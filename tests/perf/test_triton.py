@@ -130,6 +130,14 @@ def test_one_queue_timeout_disqualifies_a_variant_however_fast() -> None:
     assert not safe.stalled and fast.stalled
 
 
+def test_a_variant_that_stalled_on_another_model_is_not_eligible() -> None:
+    fast = _result(VARIANTS["db100-2i-nopref"], (1, 3000, 0.5), (8, 12000, 1.5))
+    safe = _result(VARIANTS["nobatch-2i"], (1, 2900, 0.5), (8, 6000, 1.8))
+    assert triton.choose([fast, safe], "grpc", 2000).variant is fast
+    choice = triton.choose([fast, safe], "grpc", 2000, stalled_elsewhere={"db100-2i-nopref"})
+    assert choice.variant is safe and "another model" in choice.not_eligible["db100-2i-nopref"]
+
+
 # --------------------------------------------------------------------------- tuned.json
 
 

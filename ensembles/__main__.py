@@ -1,0 +1,117 @@
+"""``python -m ensembles``: lay the example ensembles out over the built engines.
+
+Run after ``python -m build_engines`` (``make build-engines`` runs both). Over
+the example models of ``<repo>`` (lightgbm, xgboost, mlp: same 48 features,
+same task) it writes:
+
+- ``router``: A/B experiment ``trees-ab`` (lightgbm:1 vs xgboost:1, 50/50,
+  sticky by key) with mlp:1 as the shadow, arms called through BLS;
+- ``signal`` and the ``decision`` ensemble (router -> signal);
+- ``decide``: the same experiment, arms in process, the signal applied: one hop;
+- ``combiner``: the mean of lightgbm, xgboost and mlp;
+- ``selector`` over lightgbm:1 and xgboost:1 with a 2 ms p99 budget, and
+  ``feedback`` recording outcomes for it (SQLite beside the feedback model).
+
+The example selector chooses between two sources of one task because the
+examples publish one engine per source; it is built for variants of one
+source (fp32 ONNX, INT8, compiled trees), and the tests use it that way.
+Experiment, member and selector files sit in the model folders: edit them
+there and the running models pick the change up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from ensembles import repository as rep
+from ensembles import signal
+from setsuna import manifest
+from setsuna.errors import ConfigError, SetsunaError
+
+ARMS = ("lightgbm", "xgboost")
+SHADOW = "mlp"
+
+
+def _prior(repo: Path, model: str) -> float:
+    """The gate's identical-decision share: how faithful the served engine is to its source."""
+    figures = manifest.read(repo / model / "1").gate.get("figures", {})
+    share = figures.get("identical_decisions")
+    return float(share) if isinstance(share, int | float) else 0.99
+
+
+def write_examples(repo: Path) -> list[Path]:
+    missing = [m for m in (*ARMS, SHADOW) if not (repo / m / "1" / "manifest.json").is_file()]
+    if missing:
+        raise ConfigError(
+            f"{repo} lacks the example engines {missing}: run `make build-engines` first"
+        )
+    n = manifest.read(repo / ARMS[0] / "1").schema.row_shape[0]
+    experiment = {
+        "format": 1,
+        "name": "trees-ab",
+        "salt": "trees-ab-v1",
+        "arms": {
+            "control": {"model": ARMS[0], "version": 1},
+            "treatment": {"model": ARMS[1], "version": 1},
+        },
+        "shadow": {"model": SHADOW, "version": 1},
+        "versions": [{"version": 1, "weights": {"control": 0.5, "treatment": 0.5}}],
+    }
+    members = {
+        "format": 1,
+        "method": "mean",
+        "members": [{"model": m, "version": 1, "weight": 1.0} for m in (*ARMS, SHADOW)],
+    }
+    selector = {
+        "format": 1,
+        "family": "trees",
+        "budget_p99_ms": 2.0,
+        "variants": [{"model": m, "version": 1, "prior_accuracy": _prior(repo, m)} for m in ARMS],
+    }
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp)
+        for name, doc in (("exp", experiment), ("members", members), ("selector", selector)):
+            (files / f"{name}.json").write_text(json.dumps(doc, indent=2))
+        one = rep.Serving(instances=1)
+        out.append(rep.write_router(repo, files / "exp.json", n, serving=one))
+        out.append(rep.write_signal(repo, {1: signal.Thresholds()}, serving=one))
+        out.append(rep.write_decision(repo, n))
+        out.append(
+            rep.write_router(
+                repo,
+                files / "exp.json",
+                n,
+                name="decide",
+                in_process=True,
+                thresholds=signal.Thresholds(),
+            )
+        )
+        out.append(rep.write_combiner(repo, files / "members.json", n, serving=one))
+        outcomes = Path("..") / "feedback" / "outcomes.db"  # beside the feedback model
+        out.append(
+            rep.write_selector(repo, files / "selector.json", n, outcomes_db=outcomes, serving=one)
+        )
+        out.append(rep.write_feedback(repo, Path("outcomes.db")))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ensembles", description=__doc__)
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository/local"))
+    args = p.parse_args(argv)
+    try:
+        for folder in write_examples(args.model_repository):
+            print(f"wrote {folder}")
+    except SetsunaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
