@@ -514,3 +514,21 @@ def test_decide_refuses_to_load_a_tampered_arm(served: Served, tmp_path: Path) -
         server.start()
     server.stop()
     assert "model.onnx" in (tmp_path / "triton.log").read_text()
+
+
+def test_why_the_example_signal_is_not_cached(served: Served) -> None:
+    """Triton 2.51 caches a Python-backend refusal as an empty success: pinned here.
+
+    The first out-of-range probability is refused; the same request again is
+    answered from the cache with no outputs at all. So the example layout
+    leaves the cache off even on this deterministic step; a cached step must
+    never be able to refuse (or its callers must treat a missing output as an
+    error). When this test fails, Triton fixed it: turn the cache on.
+    """
+    inp = grpcclient.InferInput("score", [1, 1], "FP32")
+    inp.set_data_from_numpy(np.array([[1.5]], dtype=np.float32))
+    with served.client() as c:
+        with pytest.raises(InferenceServerException, match=r"outside \[0, 1\]"):
+            c.infer("signal_cached", [inp])
+        again = c.infer("signal_cached", [inp])
+    assert again.as_numpy("signal") is None
