@@ -1,4 +1,8 @@
-"""The four example models, trained on the spot with fixed seeds.
+"""The example models, trained on the spot with fixed seeds.
+
+Four synthetic ones (48 features; other code and perf figures depend on them)
+and ``eurusd_lgbm``, trained on real EURUSD bars through setsuna's features
+(:mod:`.market`).
 
 ``small=True`` shrinks the tree ensembles (compiling 500 trees with lleaves
 takes over a minute here) for tests and quick demos; the neural nets keep
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from build_engines.base import F32, Source
 from build_engines.examples import data
 
-EXAMPLES = ("lightgbm", "xgboost", "mlp", "lstm")
+EXAMPLES = ("lightgbm", "xgboost", "mlp", "lstm", "eurusd_lgbm")
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,22 @@ def _lstm(small: bool) -> Example:
     return Example(from_torch(net, example, name="lstm"), split.x_valid)
 
 
+def _eurusd_lgbm(small: bool) -> Example:
+    from build_engines.examples import market
+    from build_engines.sources.trees import from_lightgbm
+
+    split = market.split()
+    booster = market.train_lightgbm(split, small=small)
+    names = market.spec().names
+    return Example(from_lightgbm(booster, name=market.NAME, feature_names=names), split.x_valid)
+
+
 _TRAINERS: dict[str, Callable[[bool], Example]] = {
     "lightgbm": _lightgbm,
     "xgboost": _xgboost,
     "mlp": _mlp,
     "lstm": _lstm,
+    "eurusd_lgbm": _eurusd_lgbm,
 }
 
 

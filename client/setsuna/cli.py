@@ -18,7 +18,12 @@ from collections.abc import Sequence
 from setsuna.errors import SetsunaError
 
 #: Modules with a ``register(subparsers)`` function, one per subcommand.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("setsuna.features._cli",)
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "setsuna.features._cli",
+    "setsuna.dataset",
+    "setsuna.replay",
+    "setsuna.audit",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,17 @@ chained, so trading code never has to import a third-party exception type.
     │   ├── OutOfOrderError    a symbol's timestamp went backwards or repeated
     │   ├── UnknownSymbolError a symbol the engine/builder was not set up with
     │   └── DataFormatError    a file's columns or types are not the expected ones
-    └── SnapshotError          feature-engine state bytes cannot be restored
+    ├── SnapshotError          feature-engine state bytes cannot be restored
+    ├── ServingError           a call to a Triton server failed (setsuna.client)
+    │   ├── UnavailableError   the server cannot be reached or went away (retried)
+    │   ├── OverloadedError    the server refused the request: queue full (retried)
+    │   ├── DeadlineError      no answer within the call's deadline_ms (not retried)
+    │   ├── ModelNotReadyError the model is not loaded or not ready (not retried)
+    │   └── RejectedInputError the server refused the request's tensors; also an InputError
+    ├── SchemaMismatchError    a model's feature schema differs from the computed features
+    └── AuditError             the audit database cannot be written or read
+        ├── AuditLockedError   another process holds the database lock
+        └── AuditFullError     the disk or the database is full
 
 Every message says what to do next, not only what went wrong.
 """
@@ -115,3 +125,50 @@ class DataFormatError(MarketDataError):
 
 class SnapshotError(SetsunaError):
     """Feature-engine state bytes are corrupt, of another version or another spec."""
+
+
+class ServingError(SetsunaError):
+    """A call to a Triton server failed; the leaf says whether trying again can help."""
+
+    #: True for the errors a retry can fix without risk (the request did not run).
+    retryable: bool = False
+
+
+class UnavailableError(ServingError):
+    """The server cannot be reached, or the connection dropped (server gone)."""
+
+    retryable = True
+
+
+class OverloadedError(ServingError):
+    """The server refused the request before running it (its queue is full)."""
+
+    retryable = True
+
+
+class DeadlineError(ServingError, TimeoutError):
+    """No answer arrived within the call's ``deadline_ms``; the budget is spent."""
+
+
+class ModelNotReadyError(ServingError):
+    """The model (or that version) is not loaded, or not ready to serve."""
+
+
+class RejectedInputError(ServingError, InputError):
+    """The server refused the request's tensors (shape, dtype, NaN, missing input)."""
+
+
+class SchemaMismatchError(ConfigError):
+    """A model's feature schema (names and order) differs from the features computed."""
+
+
+class AuditError(SetsunaError):
+    """The audit database cannot be written or read."""
+
+
+class AuditLockedError(AuditError):
+    """Another connection holds the audit database's lock past the busy timeout."""
+
+
+class AuditFullError(AuditError):
+    """The disk holding the audit database, or the database itself, is full."""

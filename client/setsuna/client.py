@@ -1,0 +1,542 @@
+"""The SDK's Triton client: one stub, validated binary tensors, typed errors, bounded retries.
+
+``Client(url)`` speaks gRPC by default (``protocol="http"`` works too) through
+one reused ``tritonclient`` stub. The first call to a model reads its
+metadata and config once; every later request is checked against that cache
+client side (shape, batch size, dtype) before anything goes on the wire, so
+a wrong request fails in microseconds with a :class:`~setsuna.errors.ShapeError`
+instead of a server round trip. Tensors travel as binary data.
+
+Every answer carries the model name and version that produced it
+(:class:`Prediction`; for routed models such as ``decide`` also the
+``name:version`` of the engine that scored each row). Failures are translated
+into the :class:`~setsuna.errors.ServingError` family at this boundary. Only
+the safe ones are retried — :class:`~setsuna.errors.UnavailableError` and
+:class:`~setsuna.errors.OverloadedError`, where the request did not run — with
+exponential backoff capped by ``backoff_max_ms`` and never past the call's
+``deadline_ms``. A deadline, a refused input or a model that is not ready is
+raised at once: retrying cannot fix them and would only spend the budget.
+
+:class:`AsyncClient` is the ``asyncio`` twin with the same API and rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from setsuna.errors import (
+    ConfigError,
+    DeadlineError,
+    ModelNotReadyError,
+    OverloadedError,
+    RejectedInputError,
+    ServingError,
+    ShapeError,
+    UnavailableError,
+)
+from setsuna.schema import INPUT_NAME
+
+Protocol = Literal["grpc", "http"]
+KEY_INPUT = "key"
+#: Output of routed models (``router``, ``decide``) naming the engine of each row.
+SERVED_BY_OUTPUT = "model"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How every call behaves; validated once at construction.
+
+    ``deadline_ms`` is the default budget of one call, retries and backoff
+    included (a call may pass its own). ``max_retries`` bounds the retries of
+    the safe errors; the wait before retry ``k`` is
+    ``min(backoff_initial_ms * 2**k, backoff_max_ms)``, cut to what is left
+    of the deadline. Over HTTP the socket timeout is ``deadline_ms`` (the
+    HTTP stub cannot take a per-call client deadline; gRPC can).
+    """
+
+    deadline_ms: float = 100.0
+    max_retries: int = 2
+    backoff_initial_ms: float = 1.0
+    backoff_max_ms: float = 20.0
+    connect_timeout_ms: float = 2_000.0
+
+    def __post_init__(self) -> None:
+        if not self.deadline_ms > 0:
+            raise ConfigError(f"deadline_ms={self.deadline_ms}: give a positive budget")
+        if not 0 <= self.max_retries <= 10:
+            raise ConfigError(f"max_retries={self.max_retries}: give 0..10")
+        if not 0 <= self.backoff_initial_ms <= self.backoff_max_ms:
+            raise ConfigError(
+                f"backoff_initial_ms={self.backoff_initial_ms} / backoff_max_ms="
+                f"{self.backoff_max_ms}: give 0 <= initial <= max"
+            )
+        if not self.connect_timeout_ms > 0:
+            raise ConfigError(f"connect_timeout_ms={self.connect_timeout_ms}: give > 0")
+
+    def backoff_s(self, attempt: int) -> float:
+        return min(self.backoff_initial_ms * 2.0**attempt, self.backoff_max_ms) / 1e3
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What one model accepts, read from Triton once and cached by the client."""
+
+    name: str
+    version: str
+    feature_dims: tuple[int, ...]
+    max_batch_size: int
+    has_key: bool
+    outputs: tuple[str, ...]
+
+    def check(self, features: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """``features`` as a contiguous float32 batch, or a ShapeError naming the fix."""
+        x = np.asarray(features)
+        if x.dtype.kind not in "fiub":
+            raise ShapeError(f"{self.name}: features have dtype {x.dtype}; send numbers")
+        if x.shape == self.feature_dims:
+            x = x[np.newaxis]
+        dims_ok = x.ndim == len(self.feature_dims) + 1 and all(
+            want in (-1, got) for want, got in zip(self.feature_dims, x.shape[1:], strict=True)
+        )
+        if not dims_ok:
+            raise ShapeError(
+                f"{self.name}: expected features of shape [n, "
+                f"{', '.join(map(str, self.feature_dims))}], got {list(x.shape)}"
+            )
+        if self.max_batch_size and x.shape[0] > self.max_batch_size:
+            raise ShapeError(
+                f"{self.name}: {x.shape[0]} rows exceed its max_batch_size "
+                f"{self.max_batch_size}; split the batch"
+            )
+        if x.shape[0] == 0:
+            raise ShapeError(f"{self.name}: an empty batch; send at least one row")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One answer: the outputs and who produced them.
+
+    ``model``/``version`` name the model that was called (as Triton reports
+    it); :attr:`served_by` names, per row, the engine that scored it.
+    """
+
+    model: str
+    version: str
+    outputs: Mapping[str, np.ndarray[Any, Any]]
+    request_id: str
+    attempts: int = 1
+    _served_by: tuple[str, ...] | None = field(default=None, repr=False)
+
+    def __getitem__(self, name: str) -> np.ndarray[Any, Any]:
+        return self.outputs[name]
+
+    @property
+    def served_by(self) -> np.ndarray[Any, Any]:
+        """``name:version`` of the engine behind each row (object array of str)."""
+        routed = self.outputs.get(SERVED_BY_OUTPUT)
+        if routed is not None:
+            return np.char.decode(routed.reshape(-1).astype(np.bytes_), "utf-8").astype(object)
+        n = len(next(iter(self.outputs.values()))) if self.outputs else 0
+        return np.full(n, f"{self.model}:{self.version}", dtype=object)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_NOT_READY = ("is not ready", "unknown model", "is not found", "not found", "unavailable model")
+_OVERLOADED = ("exceeds maximum queue size", "request timeout expired", "resource exhausted")
+_GONE = (
+    "failed to connect",
+    "connection refused",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "unavailable",
+    "failed to establish",
+    "connect failed",
+    "name resolution",
+)
+
+
+def translate(exc: BaseException, model: str) -> ServingError:
+    """A foreign exception from a call to ``model`` as a :class:`ServingError` leaf."""
+    if isinstance(exc, ServingError):
+        return exc
+    status = str(getattr(exc, "status", lambda: "")() or "").upper()
+    text = f"{status} {exc}".lower()
+    where = f"{model}: {exc}"
+    if "deadline" in text or isinstance(exc, TimeoutError) or "timed out" in text:
+        return DeadlineError(f"{where}; no answer within the deadline: raise deadline_ms")
+    if any(s in text for s in _OVERLOADED):
+        return OverloadedError(f"{where}; the server is overloaded: slow down or add instances")
+    if any(s in text for s in _NOT_READY):
+        return ModelNotReadyError(
+            f"{where}; load the model (make serve loads the repository) or check its name"
+        )
+    if "invalid_arg" in text or "invalid argument" in text or "400" in status:
+        return RejectedInputError(f"{where}; fix the request's features")
+    if any(s in text for s in _GONE) or isinstance(exc, ConnectionError | OSError):
+        return UnavailableError(f"{where}; is the server running at this url?")
+    return ServingError(f"{where}")
+
+
+# --------------------------------------------------------------------------- shared core
+
+
+class _Core:
+    """What the sync and async clients share: settings, metadata cache, tensor building."""
+
+    def __init__(self, url: str, protocol: Protocol, settings: ClientSettings) -> None:
+        if protocol not in ("grpc", "http"):
+            raise ConfigError(f"protocol={protocol!r}: choose 'grpc' or 'http'")
+        if not url or "://" in url:
+            raise ConfigError(f"url={url!r}: give host:port without a scheme, e.g. 127.0.0.1:8001")
+        self.url = url
+        self.protocol: Protocol = protocol
+        self.settings = settings
+        self.models: dict[tuple[str, str], ModelInfo] = {}
+        self._ids = itertools.count(1)
+        self._prefix = f"{time.monotonic_ns():x}-"
+        if protocol == "grpc":
+            import tritonclient.grpc as mod
+        else:
+            import tritonclient.http as mod
+        self.mod: Any = mod
+
+    def info_from(self, model: str, version: str, meta: Any, config: Any) -> ModelInfo:
+        if self.protocol == "grpc":
+            inputs = [(i.name, tuple(int(d) for d in i.shape)) for i in meta.inputs]
+            outputs = tuple(o.name for o in meta.outputs)
+            max_batch = int(config.config.max_batch_size)
+        else:
+            inputs = [(i["name"], tuple(int(d) for d in i["shape"])) for i in meta["inputs"]]
+            outputs = tuple(o["name"] for o in meta["outputs"])
+            max_batch = int(config.get("max_batch_size", 0))
+        shapes = dict(inputs)
+        if INPUT_NAME not in shapes:
+            raise ModelNotReadyError(
+                f"{model} has no {INPUT_NAME!r} input (inputs: {sorted(shapes)}): "
+                "it is not a setsuna feature model"
+            )
+        dims = shapes[INPUT_NAME][1:] if max_batch else shapes[INPUT_NAME]
+        return ModelInfo(model, version, dims, max_batch, KEY_INPUT in shapes, outputs)
+
+    def request_id(self) -> str:
+        return f"{self._prefix}{next(self._ids)}"
+
+    def build(
+        self, info: ModelInfo, x: npt.NDArray[np.float32], key: Any, outputs: Sequence[str] | None
+    ) -> tuple[list[Any], list[Any]]:
+        mod = self.mod
+        binary = {} if self.protocol == "grpc" else {"binary_data": True}
+        inp = mod.InferInput(INPUT_NAME, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, **binary)
+        inputs = [inp]
+        if key is not None:
+            if not info.has_key:
+                raise ShapeError(f"{info.name} takes no key; call it without key=")
+            keys = _keys(key, x.shape[0])
+            k = mod.InferInput(KEY_INPUT, [x.shape[0], 1], "BYTES")
+            k.set_data_from_numpy(keys, **binary)
+            inputs.append(k)
+        wanted = info.outputs if outputs is None else tuple(outputs)
+        unknown = sorted(set(wanted) - set(info.outputs))
+        if unknown:
+            raise ShapeError(f"{info.name} has no output(s) {unknown}; it has {info.outputs}")
+        return inputs, [mod.InferRequestedOutput(n, **binary) for n in wanted]
+
+    def prediction(
+        self, result: Any, wanted: Sequence[str], request_id: str, attempts: int
+    ) -> Prediction:
+        response = result.get_response()
+        if self.protocol == "grpc":
+            name, version = response.model_name, response.model_version
+        else:
+            name, version = response["model_name"], response["model_version"]
+        outputs = {n: result.as_numpy(n) for n in wanted}
+        return Prediction(str(name), str(version), outputs, request_id, attempts)
+
+
+def _keys(key: Any, n: int) -> np.ndarray[Any, Any]:
+    """A ``[n, 1]`` BYTES array: one key for every row, or one per row."""
+    if isinstance(key, str | bytes):
+        one = key.encode() if isinstance(key, str) else key
+        return np.full((n, 1), one, dtype=object)
+    arr = np.asarray(key, dtype=object).reshape(-1, 1)
+    if arr.shape[0] != n:
+        raise ShapeError(f"{arr.shape[0]} keys for {n} rows: give one key per row, or one")
+    if arr.size and isinstance(arr[0, 0], str):
+        arr = np.char.encode(arr.astype(str), "utf-8").astype(object)
+    return arr
+
+
+# --------------------------------------------------------------------------- sync
+
+
+class Client:
+    """A Triton client for feature models.
+
+    >>> client = Client("127.0.0.1:8001")                      # doctest: +SKIP
+    >>> p = client.infer("decide", rows, key=symbols)           # doctest: +SKIP
+    >>> p["signal"], p.model, p.version, p.served_by            # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str,
+        protocol: Protocol = "grpc",
+        settings: ClientSettings | None = None,
+    ) -> None:
+        self._core = _Core(url, protocol, settings or ClientSettings())
+        s = self._core.settings
+        if protocol == "grpc":
+            self._stub: Any = self._core.mod.InferenceServerClient(url)
+        else:
+            self._stub = self._core.mod.InferenceServerClient(
+                url,
+                connection_timeout=s.connect_timeout_ms / 1e3,
+                network_timeout=s.deadline_ms / 1e3,
+            )
+
+    @property
+    def url(self) -> str:
+        return self._core.url
+
+    @property
+    def settings(self) -> ClientSettings:
+        return self._core.settings
+
+    def model_info(self, model: str, version: str = "") -> ModelInfo:
+        """The model's inputs and outputs, read once from Triton and cached."""
+        cached = self._core.models.get((model, version))
+        if cached is not None:
+            return cached
+        try:
+            meta = self._stub.get_model_metadata(model, version)
+            config = self._stub.get_model_config(model, version)
+        except Exception as exc:  # tritonclient raises its own exception type, or OS errors
+            raise translate(exc, model) from exc
+        info = self._core.info_from(model, version, meta, config)
+        self._core.models[(model, version)] = info
+        return info
+
+    def infer(
+        self,
+        model: str,
+        features: npt.ArrayLike,
+        key: Any = None,
+        *,
+        deadline_ms: float | None = None,
+        version: str = "",
+        outputs: Sequence[str] | None = None,
+    ) -> Prediction:
+        """Score ``features`` (one row or a batch) with ``model``; see the module docstring."""
+        core = self._core
+        budget_ms = core.settings.deadline_ms if deadline_ms is None else float(deadline_ms)
+        if not budget_ms > 0:
+            raise ConfigError(f"deadline_ms={deadline_ms}: give a positive budget")
+        start = time.perf_counter()
+        info = self.model_info(model, version)
+        x = info.check(features)
+        inputs, requested = core.build(info, x, key, outputs)
+        wanted = [r.name() for r in requested]
+        request_id = core.request_id()
+        grpc = core.protocol == "grpc"
+        attempt = 0
+        while True:
+            left_s = budget_ms / 1e3 - (time.perf_counter() - start)
+            if left_s <= 0:
+                raise DeadlineError(f"{model}: the {budget_ms:g} ms deadline passed")
+            try:
+                if grpc:
+                    result = self._stub.infer(
+                        model,
+                        inputs,
+                        model_version=version,
+                        outputs=requested,
+                        request_id=request_id,
+                        client_timeout=left_s,
+                    )
+                else:
+                    result = self._stub.infer(
+                        model,
+                        inputs,
+                        model_version=version,
+                        outputs=requested,
+                        request_id=request_id,
+                    )
+                return core.prediction(result, wanted, request_id, attempt + 1)
+            except Exception as exc:  # translated at this boundary
+                err = translate(exc, model)
+                wait_s = core.settings.backoff_s(attempt)
+                left_s = budget_ms / 1e3 - (time.perf_counter() - start)
+                if not err.retryable or attempt >= core.settings.max_retries or wait_s >= left_s:
+                    raise err from exc
+            time.sleep(wait_s)
+            attempt += 1
+
+    # -- readiness and statistics -----------------------------------------------------
+
+    def server_ready(self) -> bool:
+        """True when the server answers and says it is ready; never raises."""
+        try:
+            return bool(self._stub.is_server_ready())
+        except Exception:  # not reachable is an answer here
+            return False
+
+    def model_ready(self, model: str, version: str = "") -> bool:
+        try:
+            return bool(self._stub.is_model_ready(model, version))
+        except Exception:  # not reachable is an answer here
+            return False
+
+    def wait_ready(self, model: str | None = None, *, timeout_s: float = 30.0) -> None:
+        """Block until the server (and ``model``) is ready, or raise UnavailableError."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ok = self.server_ready() and (model is None or self.model_ready(model))
+            if ok:
+                return
+            if time.monotonic() >= deadline:
+                what = f"model {model!r}" if model else "the server"
+                raise UnavailableError(f"{what} at {self.url} was not ready in {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def statistics(self, model: str = "", version: str = "") -> dict[str, dict[str, int]]:
+        """Triton's cumulative per-model counters: counts and nanoseconds per stage."""
+        try:
+            raw = self._stub.get_inference_statistics(model, version, as_json=True)
+        except Exception as exc:  # translated at the boundary
+            raise translate(exc, model or "<server>") from exc
+        return parse_statistics(raw)
+
+    def close(self) -> None:
+        self._stub.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def parse_statistics(raw: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    """``{"name:version": {"success": n, "fail": n, "queue_ns": ..., ...}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for entry in raw.get("model_stats", []):
+        stats = entry.get("inference_stats", {})
+        row = {"inferences": int(entry.get("inference_count", 0))}
+        row["executions"] = int(entry.get("execution_count", 0))
+        for stage in ("success", "fail", "queue", "compute_input", "compute_infer"):
+            item = stats.get(stage, {})
+            if stage in ("success", "fail"):
+                row[stage] = int(item.get("count", 0))
+            else:
+                row[f"{stage}_ns"] = int(item.get("ns", 0))
+        out[f"{entry.get('name')}:{entry.get('version')}"] = row
+    return out
+
+
+# --------------------------------------------------------------------------- async
+
+
+class AsyncClient:
+    """The ``asyncio`` twin of :class:`Client`: same settings, checks, errors and retries."""
+
+    def __init__(
+        self,
+        url: str,
+        protocol: Protocol = "grpc",
+        settings: ClientSettings | None = None,
+    ) -> None:
+        self._core = _Core(url, protocol, settings or ClientSettings())
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as aio
+        else:
+            import tritonclient.http.aio as aio
+        s = self._core.settings
+        if protocol == "grpc":
+            self._stub: Any = aio.InferenceServerClient(url)
+        else:
+            self._stub = aio.InferenceServerClient(url, conn_timeout=s.connect_timeout_ms / 1e3)
+
+    async def model_info(self, model: str, version: str = "") -> ModelInfo:
+        cached = self._core.models.get((model, version))
+        if cached is not None:
+            return cached
+        try:
+            meta = await self._stub.get_model_metadata(model, version)
+            config = await self._stub.get_model_config(model, version)
+        except Exception as exc:  # translated at the boundary
+            raise translate(exc, model) from exc
+        info = self._core.info_from(model, version, meta, config)
+        self._core.models[(model, version)] = info
+        return info
+
+    async def infer(
+        self,
+        model: str,
+        features: npt.ArrayLike,
+        key: Any = None,
+        *,
+        deadline_ms: float | None = None,
+        version: str = "",
+        outputs: Sequence[str] | None = None,
+    ) -> Prediction:
+        core = self._core
+        budget_ms = core.settings.deadline_ms if deadline_ms is None else float(deadline_ms)
+        if not budget_ms > 0:
+            raise ConfigError(f"deadline_ms={deadline_ms}: give a positive budget")
+        start = time.perf_counter()
+        info = await self.model_info(model, version)
+        x = info.check(features)
+        inputs, requested = core.build(info, x, key, outputs)
+        wanted = [r.name() for r in requested]
+        request_id = core.request_id()
+        attempt = 0
+        while True:
+            left_s = budget_ms / 1e3 - (time.perf_counter() - start)
+            if left_s <= 0:
+                raise DeadlineError(f"{model}: the {budget_ms:g} ms deadline passed")
+            try:
+                call = self._stub.infer(
+                    model,
+                    inputs,
+                    model_version=version,
+                    outputs=requested,
+                    request_id=request_id,
+                )
+                result = await asyncio.wait_for(call, timeout=left_s)
+                return core.prediction(result, wanted, request_id, attempt + 1)
+            except Exception as exc:  # translated at this boundary
+                err = translate(exc, model)
+                wait_s = core.settings.backoff_s(attempt)
+                left_s = budget_ms / 1e3 - (time.perf_counter() - start)
+                if not err.retryable or attempt >= core.settings.max_retries or wait_s >= left_s:
+                    raise err from exc
+            await asyncio.sleep(wait_s)
+            attempt += 1
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await self._stub.is_server_ready())
+        except Exception:  # not reachable is an answer here
+            return False
+
+    async def close(self) -> None:
+        await self._stub.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,206 @@
+"""Policies: model outputs to trading signals, with per-symbol state in arrays.
+
+A policy turns each scored event into a signal — BUY (1), HOLD (0) or SELL
+(-1) — and keeps a stance per symbol (long 1, flat 0, short -1). A signal is
+a change of stance: flat to long is a BUY, long to short a SELL. Two ways to
+get the wanted stance, one way to apply it:
+
+* :class:`ThresholdPolicy` computes it locally from the score with
+  **hysteresis**: go long at ``score >= buy_at`` and stay long until the score
+  falls below ``buy_at - hysteresis`` (short mirrors it), so a score hovering
+  at a threshold does not flip the stance every bar.
+* :class:`ServedSignalPolicy` takes the ``signal`` output of the decision
+  models (``decide``, ``decision``) as the wanted stance.
+
+Both then apply a **cooldown** (no stance change within ``cooldown_ms`` of the
+symbol's previous change, in event time) and a **position limit**
+(``max_open_positions`` symbols not flat at once; entries beyond it are
+refused in row order). Every suppressed change is counted by reason. All
+of it is array arithmetic per batch; a batch holding one symbol twice (a
+burst of ticks) is applied in order, one pass per repeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from setsuna.errors import ConfigError
+
+BUY, HOLD, SELL = 1, 0, -1
+SIGNAL_NAMES = {BUY: "BUY", HOLD: "HOLD", SELL: "SELL"}
+I8 = npt.NDArray[np.int8]
+I64 = npt.NDArray[np.int64]
+
+
+class Policy(Protocol):
+    """What the pipeline needs from a policy."""
+
+    #: Model outputs the policy reads (the pipeline asks Triton for them).
+    needs: tuple[str, ...]
+
+    def decide(
+        self,
+        outputs: Mapping[str, np.ndarray[Any, Any]],
+        symbol_ids: I64,
+        event_ns: I64,
+    ) -> I8:
+        """One signal per row; updates the per-symbol state."""
+        ...
+
+    @property
+    def suppressed(self) -> dict[str, int]:
+        """Stance changes refused so far, by reason."""
+        ...
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Rules shared by every policy; validated once.
+
+    ``cooldown_ms`` is event time (bar timestamps), not wall time, so a replay
+    decides as live trading would have. ``max_open_positions=0`` means no limit.
+    """
+
+    cooldown_ms: float = 0.0
+    max_open_positions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.cooldown_ms >= 0:
+            raise ConfigError(f"cooldown_ms={self.cooldown_ms}: give >= 0")
+        if self.max_open_positions < 0:
+            raise ConfigError(f"max_open_positions={self.max_open_positions}: give >= 0")
+
+
+class _StancePolicy:
+    """Per-symbol stance, cooldown and position limit; subclasses say what stance they want."""
+
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, n_symbols: int, settings: PolicySettings) -> None:
+        if n_symbols <= 0:
+            raise ConfigError(f"n_symbols={n_symbols}: give at least one symbol")
+        self.settings = settings
+        self.stance: I8 = np.zeros(n_symbols, dtype=np.int8)
+        self.last_change_ns: I64 = np.full(n_symbols, np.iinfo(np.int64).min // 2, np.int64)
+        self._cooldown_ns = int(settings.cooldown_ms * 1e6)
+        self._suppressed = {"cooldown": 0, "position_limit": 0}
+
+    @property
+    def suppressed(self) -> dict[str, int]:
+        return dict(self._suppressed)
+
+    @property
+    def open_positions(self) -> int:
+        return int(np.count_nonzero(self.stance))
+
+    def wanted(
+        self, outputs: Mapping[str, np.ndarray[Any, Any]], ids: I64, current: I8
+    ) -> I8:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decide(
+        self,
+        outputs: Mapping[str, np.ndarray[Any, Any]],
+        symbol_ids: I64,
+        event_ns: I64,
+    ) -> I8:
+        ids = np.asarray(symbol_ids, dtype=np.int64)
+        n = len(ids)
+        signals = np.zeros(n, dtype=np.int8)
+        if n == 0:
+            return signals
+        if n == 1 or len(np.unique(ids)) == n:
+            self._apply(outputs, ids, np.asarray(event_ns, np.int64), signals, None)
+            return signals
+        # Repeats of a symbol in one batch: pass k applies every symbol's k-th event.
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+        for k in range(int(rank.max()) + 1):
+            rows = np.flatnonzero(rank == k)
+            self._apply(outputs, ids[rows], np.asarray(event_ns, np.int64)[rows], signals, rows)
+        return signals
+
+    def _apply(
+        self,
+        outputs: Mapping[str, np.ndarray[Any, Any]],
+        ids: I64,
+        event_ns: I64,
+        signals: I8,
+        rows: I64 | None,
+    ) -> None:
+        sub = outputs if rows is None else {k: v[rows] for k, v in outputs.items()}
+        current = self.stance[ids]
+        want = self.wanted(sub, ids, current)
+        change = want != current
+        if self._cooldown_ns:
+            cooling = change & (event_ns - self.last_change_ns[ids] < self._cooldown_ns)
+            self._suppressed["cooldown"] += int(cooling.sum())
+            change &= ~cooling
+        limit = self.settings.max_open_positions
+        if limit:
+            entering = change & (current == 0) & (want != 0)
+            leaving = change & (current != 0) & (want == 0)
+            room = limit - self.open_positions + int(leaving.sum())
+            refused = entering & (np.cumsum(entering) > max(room, 0))
+            self._suppressed["position_limit"] += int(refused.sum())
+            change &= ~refused
+        new = np.where(change, want, current).astype(np.int8)
+        out = np.sign(new.astype(np.int16) - current).astype(np.int8)
+        self.stance[ids] = new
+        self.last_change_ns[ids] = np.where(change, event_ns, self.last_change_ns[ids])
+        if rows is None:
+            signals[:] = out
+        else:
+            signals[rows] = out
+
+
+class ThresholdPolicy(_StancePolicy):
+    """Stance from the model's ``score`` (a probability) with hysteresis; see the module."""
+
+    needs: tuple[str, ...] = ("score",)
+
+    def __init__(
+        self,
+        n_symbols: int,
+        *,
+        buy_at: float = 0.55,
+        sell_at: float = 0.45,
+        hysteresis: float = 0.02,
+        settings: PolicySettings | None = None,
+    ) -> None:
+        if not 0 <= sell_at < buy_at <= 1:
+            raise ConfigError(f"sell_at={sell_at}, buy_at={buy_at}: need 0 <= sell < buy <= 1")
+        if not 0 <= hysteresis < (buy_at - sell_at) / 2:
+            raise ConfigError(
+                f"hysteresis={hysteresis}: give 0 <= h < (buy_at - sell_at) / 2 so the "
+                "exit levels do not cross"
+            )
+        super().__init__(n_symbols, settings or PolicySettings())
+        self.buy_at, self.sell_at, self.hysteresis = buy_at, sell_at, hysteresis
+
+    def wanted(self, outputs: Mapping[str, np.ndarray[Any, Any]], ids: I64, current: I8) -> I8:
+        p = np.asarray(outputs["score"], dtype=np.float64).reshape(-1)
+        h = self.hysteresis
+        long_ = np.where(current == 1, p >= self.buy_at - h, p >= self.buy_at)
+        short = np.where(current == -1, p <= self.sell_at + h, p <= self.sell_at)
+        return (long_.astype(np.int8) - short.astype(np.int8)).astype(np.int8)
+
+
+class ServedSignalPolicy(_StancePolicy):
+    """Stance = the ``signal`` output of a decision model; cooldown and limits still apply."""
+
+    needs: tuple[str, ...] = ("signal",)
+
+    def __init__(self, n_symbols: int, *, settings: PolicySettings | None = None) -> None:
+        super().__init__(n_symbols, settings or PolicySettings())
+
+    def wanted(self, outputs: Mapping[str, np.ndarray[Any, Any]], ids: I64, current: I8) -> I8:
+        return np.clip(np.asarray(outputs["signal"]).reshape(-1), -1, 1).astype(np.int8)
