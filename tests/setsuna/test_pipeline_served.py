@@ -39,9 +39,8 @@ from setsuna.errors import (
 from setsuna.features import FeatureEngine, default_spec
 from setsuna.market import ReplayFeed, datasets
 from setsuna.pipeline import ModelCatalog, Pipeline, PipelineSettings
-from setsuna.policy import ServedSignalPolicy, ThresholdPolicy
+from setsuna.policy import ThresholdPolicy
 from setsuna.replay import replay
-from setsuna.schema import FeatureSchema
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import logistic_candidate, logistic_source
 

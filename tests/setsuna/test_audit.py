@@ -1,0 +1,99 @@
+"""The audit log on real SQLite: batched WAL writes, a locked or full database, verify input."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from setsuna.audit import AuditLog, AuditSettings, DecisionBatch, read_records
+from setsuna.errors import AuditError, AuditFullError, AuditLockedError, ConfigError
+
+NAMES = ("a", "b", "c")
+
+
+def _batch(n: int, start: int = 0) -> DecisionBatch:
+    return DecisionBatch(
+        request_id=f"r{start}",
+        endpoint="decide",
+        event_ns=np.arange(start, start + n, dtype=np.int64),
+        symbols=np.array(["X"] * n, dtype=object),
+        served_by=np.array(["m:1"] * n, dtype=object),
+        artifacts=np.array(["0" * 64] * n, dtype=object),
+        features=np.random.default_rng(start).normal(size=(n, 3)).astype(np.float32),
+        score=np.full(n, 0.5, np.float32),
+        served_signal=None,
+        signal=np.zeros(n, np.int8),
+    )
+
+
+def test_records_round_trip_in_wal_mode(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    with AuditLog(db, feature_names=NAMES) as log:
+        for k in range(10):
+            log.record(_batch(7, start=k * 7))
+    assert log.recorded == 70 and log.lost == 0
+    names, rows = read_records(db)
+    assert names == NAMES and len(rows) == 70
+    x = np.frombuffer(rows[8][3], np.float32)
+    np.testing.assert_array_equal(x, _batch(7, start=7).features[1])
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_flush_commits_within_the_interval(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    log = AuditLog(db, feature_names=NAMES, settings=AuditSettings(flush_interval_ms=20))
+    log.record(_batch(5))
+    log.flush()
+    with sqlite3.connect(db) as con:  # visible to another reader before close
+        assert con.execute("SELECT count(*) FROM decisions").fetchone()[0] == 5
+    log.close()
+
+
+def test_a_locked_database_is_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    AuditLog(db, feature_names=NAMES).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(AuditLockedError, match="locked"):
+            AuditLog(db, feature_names=NAMES, settings=AuditSettings(busy_timeout_ms=50))
+        # the lock taken after start: the writer fails, the next record raises
+        holder.execute("ROLLBACK")
+        log = AuditLog(db, feature_names=NAMES, settings=AuditSettings(10, busy_timeout_ms=50))
+        holder.execute("BEGIN EXCLUSIVE")
+        log.record(_batch(3))
+        with pytest.raises(AuditLockedError):
+            log.flush()
+        with pytest.raises(AuditLockedError):
+            log.record(_batch(3))
+        assert log.recorded == 0 and log.lost == 3
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with pytest.raises(AuditError):
+        log.close()
+
+
+def test_a_full_database_is_a_clear_error_and_nothing_half_written(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    log = AuditLog(db, feature_names=NAMES, settings=AuditSettings(10, max_db_bytes=64 * 1024))
+    log.record(_batch(10))
+    log.flush()
+    log.record(_batch(5000, start=10))
+    with pytest.raises(AuditFullError):
+        log.close()
+    assert log.recorded == 10
+    assert len(read_records(db)[1]) == 10  # the failed transaction was rolled back
+
+
+def test_another_runs_features_are_refused(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    AuditLog(db, feature_names=NAMES).close()
+    with pytest.raises(ConfigError, match="new audit file"):
+        AuditLog(db, feature_names=("x",))
+    with pytest.raises(ConfigError):
+        AuditSettings(flush_interval_ms=0)
