@@ -35,7 +35,7 @@ serve: $(STAMP)
 stop:
 	-pkill -TERM -f "tritonserver.*$(REPO)/local" || true
 
-## Main job: build the engines, then predict through a local Triton server.
+## Main job: build the engines, then replay unseen real market data through the pipeline.
 demo: build-engines
 	$(PY) -m build_engines.demo --model-repository $(REPO)/local
 

@@ -1,104 +1,128 @@
-"""``python -m build_engines.demo``: predictions through a real local Triton.
+"""``python -m build_engines.demo``: the main job, end to end on real market data.
 
-Starts the wheel's ``tritonserver`` on the ``local`` repository, sends a few
-held-out rows of each model over gRPC with binary tensors, and prints
-Triton's scores beside the in-process engine's (from the same version folder)
-and the decision each implies. It exits non-zero if Triton and the engine
-disagree beyond float32 noise, so the demo is also a smoke test.
+After ``make build-engines`` (which trains ``eurusd_lgbm`` on the first 70 %
+of backtesting's EURUSD hourly bars through ``setsuna dataset`` features):
+
+1. writes the dataset (features + forward-return labels) to show the
+   training rows, and a decision model ``decide_eurusd`` (router with the
+   engine in process and the signal thresholds) over ``eurusd_lgbm``;
+2. starts the local ``tritonserver`` with those two models;
+3. replays the unseen 30 % tails of EURUSD, S&P 500, NASDAQ and GOOG as four
+   symbols through the pipeline (features -> Triton -> policy -> audit),
+   with a progress bar;
+4. re-sends every audited input to the recorded model version
+   (``audit verify``), stops the server, prints the summary and writes
+   the report with pictures and the audit database under ``--out``.
+
+Exit status 1 if the run stopped early or a prediction did not reproduce.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import tritonclient.grpc as grpcclient
-
-from build_engines.base import F32
-from build_engines.examples import data
-from setsuna import manifest, runtime
-from setsuna.schema import INPUT_NAME, OUTPUT_NAME, FeatureSchema
+from build_engines.examples import market
+from setsuna import audit
+from setsuna.client import Client
+from setsuna.dataset import build_dataset
+from setsuna.market import ReplayFeed
+from setsuna.policy import PolicySettings
+from setsuna.replay import progress_bar, replay, summary_text, write_report
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 
-ROWS = 5
-ATOL = 1e-5
+DECIDE = "decide_eurusd"
 
 
-def demo_rows(schema: FeatureSchema, n: int = ROWS) -> F32:
-    """Held-out rows of the example data that fit ``schema``'s shape."""
-    if len(schema.row_shape) == 2:
-        return data.sequences(n_seqs=400).x_valid[:n]
-    return data.tabular(n_rows=400, n_features=schema.n_features).x_valid[:n]
+def write_decide(repo: Path, work: Path) -> None:
+    """The one-hop decision model over ``eurusd_lgbm`` (all keys to one arm)."""
+    from ensembles import repository as rep
+    from ensembles import signal
+
+    exp = work / "experiment.json"
+    exp.write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "name": "eurusd",
+                "salt": "demo",
+                "arms": {"lgbm": {"model": market.NAME, "version": 1}},
+                "versions": [{"version": 1, "weights": {"lgbm": 1.0}}],
+            }
+        )
+    )
+    thresholds = signal.Thresholds(buy_at=0.55, sell_at=0.45)
+    n = len(market.spec())
+    rep.write_router(repo, exp, n, name=DECIDE, in_process=True, thresholds=thresholds)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m build_engines.demo", description=__doc__)
     p.add_argument("--model-repository", type=Path, default=Path("model_repository/local"))
+    p.add_argument("--out", type=Path, default=Path(".cache/demo"))
     args = p.parse_args(argv)
+    repo, out = args.model_repository, args.out
+    if not (repo / market.NAME / "1").is_dir():
+        print(f"{repo / market.NAME} is missing: run `make build-engines` first", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    bars = market.replay_bars()
+    history, tail = market.split_bars(bars)
+    dataset = build_dataset(
+        bars[bars["symbol"] == "EURUSD"], horizon_bars=market.HORIZON_BARS, spec=market.spec()
+    )
+    dataset.to_parquet(out / "eurusd_dataset.parquet", index=False)
+    print(
+        f"dataset: {len(dataset)} rows x {len(market.spec())} features, label = sign of the "
+        f"return {market.HORIZON_BARS} bars ahead -> {out / 'eurusd_dataset.parquet'}"
+    )
+    write_decide(repo, out)
+    warm = 60  # bars before each tail that only warm the feature engine
+    import pandas as pd
+
+    parts = [
+        pd.concat([history[history["symbol"] == s].iloc[-warm:], tail[tail["symbol"] == s]])
+        for s in tail["symbol"].unique()
+    ]
+    feed = ReplayFeed.from_frame(pd.concat(parts, ignore_index=True))
+    db = out / "audit.db"
+    db.unlink(missing_ok=True)
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(
-        model_repository=args.model_repository,
+        repo,
         http_port=http,
         grpc_port=grpc,
         metrics_port=metrics,
+        load_models=(market.NAME, DECIDE),
     )
-    worst = 0.0
-    with LocalTriton(settings) as server:
-        print(f"tritonserver ready at grpc://{server.grpc_url} with {', '.join(settings.models)}")
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        engines = [
-            n
-            for n in settings.models
-            if (args.model_repository / n / "1" / manifest.MANIFEST_NAME).is_file()
-        ]
-        for name in engines:
-            folder = args.model_repository / name / "1"
-            m = manifest.verify(folder)
-            x = demo_rows(m.schema)
-            inp = grpcclient.InferInput(INPUT_NAME, list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            result = client.infer(
-                name, [inp], outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)]
+    with LocalTriton(settings, log_path=out / "triton.log") as server:
+        print(f"tritonserver ready at grpc://{server.grpc_url} ({', '.join(settings.models)})")
+        print(f"replaying the unseen tails of {', '.join(feed.symbols)} ({len(feed)} bars)")
+        with Client(server.grpc_url) as client:
+            result = replay(
+                client,
+                DECIDE,
+                feed,
+                spec=market.spec(),
+                repository=repo,
+                audit_path=db,
+                policy="served",
+                policy_settings=PolicySettings(max_open_positions=len(feed.symbols)),
+                warmup_bars=warm,
+                horizon_bars=market.HORIZON_BARS,
+                progress=progress_bar(),
             )
-            got = result.as_numpy(OUTPUT_NAME)
-            local = runtime.load(m.engine, folder, m.engine_params).predict(x)
-            worst = max(worst, float(np.abs(got - local).max()))
-            print(f"\n{name}: {m.candidate} ({m.engine}), source {m.source['label']}")
-            print("  row  triton     in-process  decision")
-            for i in range(len(x)):
-                d = "long" if got[i, 0] >= m.decision_threshold else "flat/short"
-                print(f"  {i:<4} {got[i, 0]:.6f}   {local[i, 0]:.6f}    {d}")
-        if "decide" in settings.models:
-            _decisions(
-                client, demo_rows(manifest.read(args.model_repository / engines[0] / "1").schema)
-            )
-        client.close()
-    print(f"\nmax |triton - in-process| = {worst:.2e}")
-    return 0 if worst <= ATOL else 1
-
-
-def _decisions(client: Any, x: F32) -> None:
-    """One request to ``decide``: each row a symbol, routed by its A/B arm, then signalled."""
-    symbols = [f"SYM{i}" for i in range(len(x))]
-    inputs = [
-        grpcclient.InferInput(INPUT_NAME, list(x.shape), "FP32"),
-        grpcclient.InferInput("key", [len(x), 1], "BYTES"),
-    ]
-    inputs[0].set_data_from_numpy(x)
-    inputs[1].set_data_from_numpy(np.array([[s.encode()] for s in symbols], dtype=np.object_))
-    r = client.infer("decide", inputs)
-    names = {1: "BUY", 0: "HOLD", -1: "SELL"}
-    print("\ndecide (A/B arm by symbol, engine in process, signal): one request")
-    print("  symbol  arm        model       score     signal  confidence")
-    for i, sym in enumerate(symbols):
-        print(
-            f"  {sym:<7} {r.as_numpy('arm')[i, 0].decode():<10} "
-            f"{r.as_numpy('model')[i, 0].decode():<11} {r.as_numpy(OUTPUT_NAME)[i, 0]:.6f}  "
-            f"{names[int(r.as_numpy('signal')[i, 0])]:<7} {r.as_numpy('confidence')[i, 0]:.3f}"
-        )
+            check = audit.verify(db, client)
+    print("server stopped\n")
+    print(summary_text(result))
+    print(
+        f"audit verify: {check.reproduced}/{check.checked} predictions reproduced, "
+        f"{len(check.mismatches)} did not"
+    )
+    print(f"report {write_report(result, out / 'report')}")
+    return 0 if check.ok and result.summary.stopped is None else 1
 
 
 if __name__ == "__main__":

@@ -144,7 +144,11 @@ class Prediction:
         """``name:version`` of the engine behind each row (object array of str)."""
         routed = self.outputs.get(SERVED_BY_OUTPUT)
         if routed is not None:
-            return np.char.decode(routed.reshape(-1).astype(np.bytes_), "utf-8").astype(object)
+            flat = routed.reshape(-1)
+            first = flat[0]
+            if len(flat) == 1 or (flat == first).all():  # one arm: decode once
+                return np.full(len(flat), first.decode(), dtype=object)
+            return np.array([b.decode() for b in flat.tolist()], dtype=object)
         n = len(next(iter(self.outputs.values()))) if self.outputs else 0
         return np.full(n, f"{self.model}:{self.version}", dtype=object)
 

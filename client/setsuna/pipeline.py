@@ -180,6 +180,8 @@ class Decisions:
     signal: npt.NDArray[np.int8]
     served_by: npt.NDArray[np.object_]
     request_id: str
+    #: Each row's symbol stance after its signal (what following the signals holds).
+    stance: npt.NDArray[np.int8]
 
 
 Sink = Callable[[Decisions], None]
@@ -354,7 +356,8 @@ class Pipeline:
         s.signals["SELL"] += int(counts[0])
         s.signals["HOLD"] += int(counts[1])
         s.signals["BUY"] += int(counts[2])
-        out = Decisions(ts, ids, score_1d, signals, served_by, pred.request_id)
+        stance = self.policy.stance[ids]
+        out = Decisions(ts, ids, score_1d, signals, served_by, pred.request_id, stance)
         for sink in self.sinks:
             sink(out)
         return out

@@ -42,6 +42,8 @@ class Policy(Protocol):
 
     #: Model outputs the policy reads (the pipeline asks Triton for them).
     needs: tuple[str, ...]
+    #: Stance per symbol id after the last decision: 1 long, 0 flat, -1 short.
+    stance: I8
 
     def decide(
         self,

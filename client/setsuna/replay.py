@@ -57,11 +57,13 @@ class Collected:
     def arrays(self) -> dict[str, npt.NDArray[Any]]:
         if not self.parts:
             empty = np.empty(0, np.int64)
-            return {"event_ns": empty, "symbol_id": empty, "signal": empty.astype(np.int8)}
+            small = empty.astype(np.int8)
+            return {"event_ns": empty, "symbol_id": empty, "signal": small, "stance": small}
         return {
             "event_ns": np.concatenate([p.event_ns for p in self.parts]),
             "symbol_id": np.concatenate([p.symbol_ids for p in self.parts]),
             "signal": np.concatenate([p.signal for p in self.parts]),
+            "stance": np.concatenate([p.stance for p in self.parts]),
         }
 
 
@@ -108,7 +110,7 @@ def judge(
         hits += int(np.count_nonzero(np.sign(fwd) == sig[ok]))
         judged += int(np.count_nonzero(ok))
         # Stance after each decision, held to the symbol's next bar.
-        stance = np.cumsum(sig).clip(-1, 1)
+        stance = decisions["stance"][sel].astype(np.float64)
         nxt = pos + 1
         has = nxt < len(ts)
         r = np.zeros(len(pos))
@@ -228,7 +230,7 @@ def summary_text(r: ReplayResult) -> str:
         "signals " + "  ".join(f"{k} {v:,}" for k, v in s.signals.items()),
         f"hit rate {r.hit_rate:.1%} of {r.judged_signals:,} BUY/SELL signals "
         f"(sign of the return over the horizon)",
-        f"cumulative return of following the signals {cum:+.2%}",
+        f"cumulative return of following the signals {cum:+.2%} (sum over symbols, no costs)",
         f"skipped {s.skipped or {}}  dropped {r.drops}  gaps {r.gaps}",
         "latency p50 / p99 per request (us): "
         + "  ".join(f"{k} {p50:.0f}/{p99:.0f}" for k, (p50, p99) in s.latency_table().items()),
