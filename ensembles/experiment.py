@@ -28,7 +28,6 @@ on names exactly the model and version that answers it.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import string
 from collections.abc import Iterable, Mapping
@@ -39,6 +38,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from ensembles.watch import read_json
 from setsuna.errors import ConfigError
 
 FORMAT: Final = 1
@@ -215,10 +215,4 @@ def parse(doc: Any, *, origin: str = "experiment") -> Experiment:
 
 def load(path: Path) -> Experiment:
     """Read and validate ``path``; ConfigError names the file and the fault."""
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read experiment file {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"experiment file {path} is not JSON: {exc}") from exc
-    return parse(doc, origin=str(path))
+    return parse(read_json(path, "experiment"), origin=str(path))

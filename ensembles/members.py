@@ -15,7 +15,6 @@ pins its version, and the answer names them all.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ensembles.experiment import Target, _target
+from ensembles.watch import read_json
 from setsuna.errors import ConfigError
 
 FORMAT: Final = 1
@@ -95,10 +95,4 @@ def parse(doc: Any, *, origin: str = "members") -> Members:
 
 
 def load(path: Path) -> Members:
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read member file {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"member file {path} is not JSON: {exc}") from exc
-    return parse(doc, origin=str(path))
+    return parse(read_json(path, "member"), origin=str(path))

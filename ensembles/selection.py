@@ -25,7 +25,6 @@ variant that failed).
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any, Final
 import numpy as np
 
 from ensembles.experiment import Target, _target
+from ensembles.watch import read_json
 from setsuna.errors import ConfigError
 
 FORMAT: Final = 1
@@ -104,13 +104,7 @@ def parse(doc: Any, *, origin: str = "selector") -> SelectorSpec:
 
 
 def load(path: Path) -> SelectorSpec:
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read selector file {path}: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"selector file {path} is not JSON: {exc}") from exc
-    return parse(doc, origin=str(path))
+    return parse(read_json(path, "selector"), origin=str(path))
 
 
 class Latency:

@@ -9,13 +9,24 @@ force. A bad file keeps the previous one serving and the reason is kept in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from setsuna.errors import SetsunaError
+from setsuna.errors import ConfigError, SetsunaError
 
 T = TypeVar("T")
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON document in ``path``; ConfigError names the ``what`` file and the fault."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} file {path} is not JSON: {exc}") from exc
 
 
 class Watched(Generic[T]):

@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ensembles import members
 from ensembles.models import common
 from ensembles.watch import Watched
-from setsuna.errors import ConfigError, SetsunaError
+from setsuna.errors import ConfigError
 from setsuna.schema import OUTPUT_NAME
 
 
@@ -47,17 +46,9 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"{self.name}: {self.watch.last_error}")
             self.watch.last_error = ""
         spec = self.watch.current
-        responses: list[Any] = [None] * len(requests)
-        kept, xs = [], []
-        for i, r in enumerate(requests):
-            try:
-                xs.append(common.features(r, allow_nan=self.allow_nan))
-                kept.append(i)
-            except SetsunaError as exc:
-                responses[i] = common.refusal(self.name, exc)
-        if not kept:
+        responses, kept, xs, x = common.stack(self.name, requests, allow_nan=self.allow_nan)
+        if x is None:
             return responses
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         answers = await asyncio.gather(
             *(common.bls_request(t, x).async_exec() for t in spec.targets)
         )

@@ -93,6 +93,24 @@ def features(request: Any, *, allow_nan: bool) -> F32:
     return x
 
 
+def stack(
+    model: str, requests: Sequence[Any], *, allow_nan: bool
+) -> tuple[list[Any], list[int], list[F32], F32 | None]:
+    """Responses (refusals filled in), the kept requests' indices, their rows, all stacked."""
+    responses: list[Any] = [None] * len(requests)
+    kept: list[int] = []
+    xs: list[F32] = []
+    for i, r in enumerate(requests):
+        try:
+            xs.append(features(r, allow_nan=allow_nan))
+            kept.append(i)
+        except SetsunaError as exc:
+            responses[i] = refusal(model, exc)
+    if not xs:
+        return responses, kept, xs, None
+    return responses, kept, xs, xs[0] if len(xs) == 1 else np.concatenate(xs)
+
+
 def refusal(model: str, exc: SetsunaError) -> Any:
     """INVALID_ARG (HTTP 400 / gRPC INVALID_ARGUMENT) for a request the caller can fix."""
     return pb_utils.InferenceResponse(

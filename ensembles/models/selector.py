@@ -22,14 +22,13 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ensembles import selection
 from ensembles.models import common
 from ensembles.outcomes import Outcomes
 from ensembles.watch import Watched
-from setsuna.errors import ConfigError, SetsunaError
+from setsuna.errors import ConfigError
 from setsuna.schema import OUTPUT_NAME
 
 
@@ -163,17 +162,9 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"{self.name}: {self.watch.last_error}")
             self.watch.last_error = ""
         self._refresh_accuracy()
-        responses: list[Any] = [None] * len(requests)
-        kept, xs = [], []
-        for i, r in enumerate(requests):
-            try:
-                xs.append(common.features(r, allow_nan=self.allow_nan))
-                kept.append(i)
-            except SetsunaError as exc:
-                responses[i] = common.refusal(self.name, exc)
-        if not kept:
+        responses, kept, xs, x = common.stack(self.name, requests, allow_nan=self.allow_nan)
+        if x is None:
             return responses
-        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         serving = self.current
         answer, ms = await self._timed(serving, x)
         target = self.spec.variants[serving].target
