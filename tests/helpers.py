@@ -68,6 +68,31 @@ def logistic_candidate(folder: Path, w: F32, b: float, name: str = "onnx") -> Ca
     )
 
 
+def build_logistic_models(root: Path, weights: dict[str, F32], x: F32) -> Path:
+    """Build one logistic model per name through the real pipeline; return ``root/local``.
+
+    Served by setsuna's ONNX Runtime wrapper like any published engine; the
+    oracle of model ``name`` is ``sigmoid(x @ weights[name])``.
+    """
+    from build_engines import gate
+    from build_engines.build import build_model
+    from build_engines.spec import ModelSpec
+
+    fast = gate.GateSettings(latency_calls=20, batch_budget_s=0.01)
+    for name, w in weights.items():
+        build_model(
+            logistic_source(w, 0.0, name=name),
+            x,
+            ModelSpec(name, gate=fast),
+            root,
+            ("local",),
+            root / "work",
+            converter=lambda s, d, c, w=w: [logistic_candidate(d / "onnx", w, 0.0)],
+            echo=False,
+        )
+    return root / "local"
+
+
 def batch_dependent_onnx(path: Path, w: F32) -> Path:
     """score = sigmoid(z - mean_batch(z)), z = x @ w: right in a crowd, 0.5 alone."""
     n = len(w)

@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines import gate
-from build_engines.build import build_model
-from build_engines.spec import ModelSpec
 from ensembles.__main__ import main, write_examples
 from setsuna.server import LocalTriton, ServerSettings, free_ports
-from tests.helpers import logistic_candidate, logistic_source
+from tests.helpers import build_logistic_models
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
@@ -35,18 +32,7 @@ def _p(model: str, x: np.ndarray) -> np.ndarray:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
     root = tmp_path_factory.mktemp("examples")
     x = RNG.normal(size=(400, N)).astype(np.float32)
-    fast = gate.GateSettings(latency_calls=20, batch_budget_s=0.01)
-    for name, w in W.items():
-        build_model(
-            logistic_source(w, 0.0, name=name),
-            x,
-            ModelSpec(name, gate=fast),
-            root,
-            ("local",),
-            root / "work",
-            converter=lambda s, d, c, w=w: [logistic_candidate(d / "onnx", w, 0.0)],
-            echo=False,
-        )
+    build_logistic_models(root, W, x)
     assert main(["--model-repository", str(root / "local")]) == 0
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(root / "local", http_port=http, grpc_port=grpc, metrics_port=metrics)

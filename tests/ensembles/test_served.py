@@ -21,15 +21,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from build_engines import gate
-from build_engines.build import build_model
-from build_engines.spec import ModelSpec
 from ensembles import experiment as ex
 from ensembles import repository as rep
 from ensembles import signal
 from setsuna.errors import SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports
-from tests.helpers import logistic_candidate, logistic_source
+from tests.helpers import build_logistic_models
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -152,19 +149,7 @@ def _selector(budget_ms: float) -> dict[str, Any]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("ensembles")
     x = RNG.normal(size=(600, N_FEATURES)).astype(np.float32)
-    fast = gate.GateSettings(latency_calls=20, batch_budget_s=0.01)
-    for name, w in W.items():
-        build_model(
-            logistic_source(w, 0.0, name=name),
-            x,
-            ModelSpec(name, gate=fast),
-            root,
-            ("local",),
-            root / "work",
-            converter=lambda s, d, c, w=w: [logistic_candidate(d / "onnx", w, 0.0)],
-            echo=False,
-        )
-    repo = root / "local"
+    repo = build_logistic_models(root, W, x)
     (repo / "slow" / "1").mkdir(parents=True)
     (repo / "slow" / "config.pbtxt").write_text(FAULTY_CONFIG.replace("faulty", "slow"))
     (repo / "slow" / "1" / "model.py").write_text(SLOW_PY)
