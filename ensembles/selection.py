@@ -160,9 +160,11 @@ def choose(
     fits = [i for i in others if p99_ms[i] <= lo]
     if fits:
         return max(fits, key=lambda i: (acc[i], -p99_ms[i]))
-    # nothing measured fits: the fastest measured, or the next one to try
+    # Nothing measured fits: the fastest measured, if it is faster by the margin too
+    # (a spike in the serving variant's window must not send it to a slower one).
     measured = [i for i in others if math.isfinite(p99_ms[i])]
     if measured:
         best = min(measured, key=lambda i: p99_ms[i])
-        return best if failed or p99_ms[best] < p99_ms[current] else current
+        faster = p99_ms[best] < p99_ms[current] * (1 - spec.margin)
+        return best if failed or faster else current
     return others[0] if failed else current

@@ -53,6 +53,7 @@ def test_nothing_fits_then_the_fastest_measured() -> None:
     s = _spec()
     assert sel.choose(s, 0, [40.0, 30.0], ACC, 100) == 1
     assert sel.choose(s, 1, [40.0, 30.0], ACC, 100) == 1
+    assert sel.choose(s, 1, [34.0, 40.0], ACC, 100) == 1  # 34 > 40 * 0.8: a spike, stay
     assert sel.choose(s, 0, [40.0, math.inf], ACC, 100) == 0  # unmeasured: no blind jump
 
 

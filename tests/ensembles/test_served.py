@@ -140,7 +140,7 @@ def _selector(budget_ms: float) -> dict[str, Any]:
         "margin": 0.2,
         "min_dwell_calls": 5,
         "probe_interval_ms": 10,
-        "window": 20,
+        "window": 50,  # a p99 of 20 samples is their maximum: one hiccup decides it
         "prior_weight": 100,
     }
 
