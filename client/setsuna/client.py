@@ -237,6 +237,36 @@ class _Core:
     def request_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
+    def budget_ms(self, deadline_ms: float | None) -> float:
+        budget = self.settings.deadline_ms if deadline_ms is None else float(deadline_ms)
+        if not budget > 0:
+            raise ConfigError(f"deadline_ms={deadline_ms}: give a positive budget")
+        return budget
+
+    @staticmethod
+    def time_left_s(model: str, budget_ms: float, start: float) -> float:
+        """Seconds left of the budget; DeadlineError once none are."""
+        left_s = budget_ms / 1e3 - (time.perf_counter() - start)
+        if left_s <= 0:
+            raise DeadlineError(f"{model}: the {budget_ms:g} ms deadline passed")
+        return left_s
+
+    def retry_wait_s(
+        self, exc: Exception, model: str, attempt: int, budget_ms: float, start: float
+    ) -> float:
+        """How long to wait before retrying; raises the typed error when retrying is wrong.
+
+        Only retryable errors are retried, at most ``max_retries`` times, and never
+        when the backoff would not end inside the deadline. The sync and async
+        clients share this one policy.
+        """
+        err = translate(exc, model)
+        wait_s = self.settings.backoff_s(attempt)
+        left_s = budget_ms / 1e3 - (time.perf_counter() - start)
+        if not err.retryable or attempt >= self.settings.max_retries or wait_s >= left_s:
+            raise err from exc
+        return wait_s
+
     def build(
         self, info: ModelInfo, x: npt.NDArray[np.float32], key: Any, outputs: Sequence[str] | None
     ) -> tuple[list[Any], list[Any]]:
@@ -345,9 +375,7 @@ class Client:
     ) -> Prediction:
         """Score ``features`` (one row or a batch) with ``model``; see the module docstring."""
         core = self._core
-        budget_ms = core.settings.deadline_ms if deadline_ms is None else float(deadline_ms)
-        if not budget_ms > 0:
-            raise ConfigError(f"deadline_ms={deadline_ms}: give a positive budget")
+        budget_ms = core.budget_ms(deadline_ms)
         start = time.perf_counter()
         info = self.model_info(model, version)
         x = info.check(features)
@@ -357,34 +385,21 @@ class Client:
         grpc = core.protocol == "grpc"
         attempt = 0
         while True:
-            left_s = budget_ms / 1e3 - (time.perf_counter() - start)
-            if left_s <= 0:
-                raise DeadlineError(f"{model}: the {budget_ms:g} ms deadline passed")
+            left_s = core.time_left_s(model, budget_ms, start)
+            # HTTP's timeout is the connection's, set once from settings.deadline_ms.
+            timeout = {"client_timeout": left_s} if grpc else {}
             try:
-                if grpc:
-                    result = self._stub.infer(
-                        model,
-                        inputs,
-                        model_version=version,
-                        outputs=requested,
-                        request_id=request_id,
-                        client_timeout=left_s,
-                    )
-                else:
-                    result = self._stub.infer(
-                        model,
-                        inputs,
-                        model_version=version,
-                        outputs=requested,
-                        request_id=request_id,
-                    )
+                result = self._stub.infer(
+                    model,
+                    inputs,
+                    model_version=version,
+                    outputs=requested,
+                    request_id=request_id,
+                    **timeout,
+                )
                 return core.prediction(result, wanted, request_id, attempt + 1)
             except Exception as exc:  # translated at this boundary
-                err = translate(exc, model)
-                wait_s = core.settings.backoff_s(attempt)
-                left_s = budget_ms / 1e3 - (time.perf_counter() - start)
-                if not err.retryable or attempt >= core.settings.max_retries or wait_s >= left_s:
-                    raise err from exc
+                wait_s = core.retry_wait_s(exc, model, attempt, budget_ms, start)
             time.sleep(wait_s)
             attempt += 1
 
@@ -497,9 +512,7 @@ class AsyncClient:
         outputs: Sequence[str] | None = None,
     ) -> Prediction:
         core = self._core
-        budget_ms = core.settings.deadline_ms if deadline_ms is None else float(deadline_ms)
-        if not budget_ms > 0:
-            raise ConfigError(f"deadline_ms={deadline_ms}: give a positive budget")
+        budget_ms = core.budget_ms(deadline_ms)
         start = time.perf_counter()
         info = await self.model_info(model, version)
         x = info.check(features)
@@ -508,9 +521,7 @@ class AsyncClient:
         request_id = core.request_id()
         attempt = 0
         while True:
-            left_s = budget_ms / 1e3 - (time.perf_counter() - start)
-            if left_s <= 0:
-                raise DeadlineError(f"{model}: the {budget_ms:g} ms deadline passed")
+            left_s = core.time_left_s(model, budget_ms, start)
             try:
                 call = self._stub.infer(
                     model,
@@ -522,11 +533,7 @@ class AsyncClient:
                 result = await asyncio.wait_for(call, timeout=left_s)
                 return core.prediction(result, wanted, request_id, attempt + 1)
             except Exception as exc:  # translated at this boundary
-                err = translate(exc, model)
-                wait_s = core.settings.backoff_s(attempt)
-                left_s = budget_ms / 1e3 - (time.perf_counter() - start)
-                if not err.retryable or attempt >= core.settings.max_retries or wait_s >= left_s:
-                    raise err from exc
+                wait_s = core.retry_wait_s(exc, model, attempt, budget_ms, start)
             await asyncio.sleep(wait_s)
             attempt += 1
 

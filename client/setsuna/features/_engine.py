@@ -196,6 +196,7 @@ class FeatureEngine:
                 f"events have dtype {events.dtype}; build them with setsuna.market.BAR_DTYPE"
             )
         n = events.shape[0]
+        kernel: Any = step  # numba's dispatcher, which types the arguments on every call
         if out is None or ready is None:
             if n != self._views_n:
                 self._set_views(n)
@@ -204,22 +205,7 @@ class FeatureEngine:
             if flags.c_contiguous and flags.writeable and flags.aligned and events.ndim == 1:
                 # Fast path: every argument has the one type the entry point was
                 # compiled for, so numba's per-call typing (~1.5 us) is skipped.
-                first_bad = self._step(
-                    self._blocks,
-                    self._fparams,
-                    self._sessions,
-                    self._state_f,
-                    self._state_i,
-                    events,
-                    rows.values,
-                    rows.ready,
-                    status,
-                    commit,
-                    self._drop,
-                )
-                if first_bad >= 0:
-                    self._refused(events, status, first_bad)
-                return rows
+                kernel = self._step
         else:
             if (
                 out.shape != (n, self.n_features)
@@ -234,7 +220,7 @@ class FeatureEngine:
                 )
             rows = FeatureRows(out, ready)
             status = np.empty(n, dtype=np.int8)
-        first_bad = step(
+        first_bad = kernel(
             self._blocks,
             self._fparams,
             self._sessions,
