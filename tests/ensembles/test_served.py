@@ -322,7 +322,7 @@ def test_decision_equals_signal_of_router(served: Served) -> None:
     np.testing.assert_array_equal(r.as_numpy("score"), routed["score"])
     assert [m.decode() for m in r.as_numpy("model").reshape(-1)] == routed["model"].tolist()
     assert {p.decode() for p in r.as_numpy("policy").reshape(-1)} == {"signal:1"}
-    assert {-1, 0, 1} <= set(code.tolist()) | {-1, 0, 1}
+    assert len(set(code.tolist())) >= 2  # the rows really exercise more than one zone
 
 
 def test_combiner_is_the_weighted_average_by_hand(served: Served) -> None:
