@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from build_engines import gate
 from build_engines.build import build_model
-from build_engines.spec import ModelSpec
+from build_engines.spec import ModelSpec, ServingSpec
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import logistic_candidate, logistic_source
 
@@ -120,7 +120,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
     build_model(
         logistic_source(W, 0.0),
         x,
-        ModelSpec("logit", gate=fast),
+        # Batched (the NaN test needs requests sharing a batch), with a queue timeout
+        # far above Triton 2.51's ~500 ms batcher stall (docs/architecture.md,
+        # "Measuring"): a stalled request here arrives late, not refused. The
+        # queue-policy tests use the gated models and their own timeouts.
+        ModelSpec("logit", gate=fast, serving=ServingSpec(queue_timeout_us=5_000_000)),
         root,
         ("local",),
         root / "work",
