@@ -23,8 +23,10 @@ from setsuna.schema import FeatureSchema
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-#: Files a loader may create next to the artifacts without it being tampering.
-_IGNORED = frozenset({"__pycache__", MANIFEST_NAME})
+#: Files beside the artifacts that the manifest cannot list: itself and the seal that
+#: signs it (setsuna.seal). A ``__pycache__`` is NOT ignored: the stub guard never
+#: writes bytecode, so one found here was planted (and would run instead of model.py).
+_IGNORED = frozenset({MANIFEST_NAME, "seal.json"})
 _CHUNK_BYTES = 1 << 20
 
 

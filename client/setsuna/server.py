@@ -34,7 +34,6 @@ import functools
 import hashlib
 import importlib.util
 import ipaddress
-import json
 import os
 import re
 import resource
@@ -48,14 +47,16 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Final, Self
 
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from setsuna import seal, stub_guard
 from setsuna.errors import ConfigError, ServerError, SetsunaError
 
 MiB: Final = 1 << 20
@@ -82,6 +83,13 @@ KNOWN_APIS: Final = frozenset(
         "logging",
     }
 )
+#: Stands in for the admin key on tritonserver's command line (``native/argv_secret.c``).
+TOKEN_PLACEHOLDER: Final = "@SETSUNA_ADMIN_TOKEN@"
+#: The environment variable that carries the key to that shim; it unsets it before main().
+_SECRET_ENV: Final = "SETSUNA_TRITON_ADMIN_KEY"
+_SECRET_MARK_ENV: Final = "SETSUNA_ARGV_SECRET_SO"
+#: Shared-memory regions the Python backend creates per model instance.
+SHM_PREFIX: Final = "triton_python_backend_shm_region_"
 #: Largest value Triton's int-typed size flags take.
 _MAX_INT32: Final = 2**31 - 1
 _TOKEN_RE: Final = re.compile(r"[A-Za-z0-9._~-]{16,256}")
@@ -144,6 +152,13 @@ class ServerSettings:
     cannot load/unload at all. ``bind_address`` must be loopback unless
     ``allow_remote_bind`` says exposing the server is intended (a container).
     ``cache_size_bytes=0`` turns the response cache off.
+
+    ``http=False`` (the default) serves gRPC only: Triton 2.51's HTTP
+    frontend is crashed by one unauthenticated request (a JSON shape of
+    ``[1000000000, 48]`` aborts it with ``bad_alloc``; a body over ~68 MiB
+    segfaults it) and has no body limit to set, while its gRPC frontend refuses
+    both cleanly. Turn HTTP on only where every client that can reach the port
+    is trusted (the container publishes it on the host's loopback).
     """
 
     model_repository: Path
@@ -152,6 +167,7 @@ class ServerSettings:
     metrics_port: int = 8002
     bind_address: str = "127.0.0.1"
     allow_remote_bind: bool = False
+    http: bool = False
     load_models: tuple[str, ...] | None = None
     restricted_apis: tuple[str, ...] = RESTRICTED_APIS
     admin_header: str = ADMIN_HEADER
@@ -274,6 +290,15 @@ class ServerSettings:
                 "Triton parses them as flag syntax"
             )
         restricted = f"{','.join(self.restricted_apis)}:{self.admin_header}={value}"
+        http = (
+            [
+                f"--http-address={self.bind_address}",
+                f"--http-port={self.http_port}",
+                f"--http-restricted-api={restricted}",
+            ]
+            if self.http
+            else ["--allow-http=false"]
+        )
         out = [
             "--model-control-mode=explicit",
             *(f"--load-model={name}" for name in self.models),
@@ -282,17 +307,15 @@ class ServerSettings:
             "--strict-readiness=false",
             "--exit-on-error=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
-            f"--http-address={self.bind_address}",
-            f"--http-port={self.http_port}",
+            *http,
             f"--grpc-address={self.bind_address}",
             f"--grpc-port={self.grpc_port}",
             "--allow-metrics=true",
             f"--metrics-address={self.bind_address}",
             f"--metrics-port={self.metrics_port}",
-            f"--http-restricted-api={restricted}",
             f"--grpc-restricted-protocol={restricted}",
         ]
-        if max_input_size_flag:
+        if max_input_size_flag and self.http:
             out.append(f"--http-max-input-size={self.max_input_size_bytes}")
         if self.cache_size_bytes > 0:
             out.append(f"--cache-config=local,size={self.cache_size_bytes}")
@@ -420,8 +443,8 @@ def prepare_backend_directory(install: TritonInstall, cache_root: Path | None = 
     final = root / digest.hexdigest()[:16]
     if (final / "python" / stub.name).is_file():
         return final
+    private_directory(root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
         (work / "python").mkdir()
         for f in files:
@@ -436,9 +459,147 @@ def prepare_backend_directory(install: TritonInstall, cache_root: Path | None = 
 
 
 def _cache_root() -> Path:
+    return _setsuna_cache() / "triton-backends"
+
+
+def _setsuna_cache() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "setsuna" / "triton-backends"
+    return base / "setsuna"
+
+
+def private_directory(path: Path) -> Path:
+    """``path`` created 0700, refused if another user owns it or others may write it.
+
+    What the server executes (the stub copy, the argv shim) is cached here:
+    a directory another local user can write to would let them swap in code
+    that then runs as the server's user.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as exc:
+        raise ServerError(f"cannot create {path}: {exc}") from exc
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ServerError(
+            f"{path} is owned by uid {st.st_uid} or writable by others (mode "
+            f"{st.st_mode & 0o777:o}): code the server runs is cached there; remove it, or "
+            "set XDG_CACHE_HOME to a directory only you can write"
+        )
+    return path
+
+
+def prepare_argv_secret(cache_root: Path | None = None) -> Path:
+    """Compile ``native/argv_secret.c`` once (cached by source hash) and return the .so.
+
+    The shim keeps the admin key off tritonserver's command line, which every
+    local user can read; see the C file for how. It needs a C compiler (``cc``,
+    ``gcc`` or ``$CC``) the first time, as the build's compiled forests do.
+    """
+    source = Path(__file__).with_name("native") / "argv_secret.c"
+    try:
+        code = source.read_bytes()
+    except OSError as exc:
+        raise ServerError(f"{source} is missing: reinstall setsuna ({exc})") from exc
+    root = private_directory(_setsuna_cache() if cache_root is None else cache_root)
+    final = root / f"argv_secret-{hashlib.sha256(code).hexdigest()[:16]}.so"
+    if final.is_file():
+        return final
+    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
+    if compiler is None:
+        raise ServerError(
+            "no C compiler found (cc, gcc or $CC): the launcher compiles a 60-line shim "
+            "that keeps the admin token off the command line; install one "
+            "(apt-get install gcc)"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=".argv_secret-", suffix=".so", dir=root)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [compiler, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", tmp, str(source)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise ServerError(f"compiling {source} failed:\n{done.stderr}")
+        Path(tmp).replace(final)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerError(f"could not compile {source}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            Path(tmp).unlink()
+    return final
+
+
+def install_stub_guard() -> Path:
+    """Write the venv's ``.pth`` line that guards every Python stub (see :mod:`.stub_guard`).
+
+    The stub embeds the venv the launcher runs in, so the line goes into this
+    interpreter's ``purelib``; it is inert unless ``$SETSUNA_STUB_GUARD`` is
+    set, which only the launcher sets, for tritonserver's children.
+    """
+    site = Path(sysconfig.get_path("purelib"))
+    path = site / stub_guard.PTH_NAME
+    try:
+        if path.is_file() and path.read_text() == stub_guard.PTH_LINE:
+            return path
+        fd, tmp = tempfile.mkstemp(prefix=".setsuna-guard-", dir=site)
+        with os.fdopen(fd, "w") as f:
+            f.write(stub_guard.PTH_LINE)
+        Path(tmp).replace(path)
+    except OSError as exc:
+        raise ServerError(
+            f"cannot write {path} ({exc}): the Python stubs load model code only through "
+            "setsuna's guard; run the server from a venv you can write (make install)"
+        ) from exc
+    return path
+
+
+def clean_stale_shm(*, min_age_s: float = 5.0, shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Remove Python-backend shared-memory regions that a crashed server left behind.
+
+    A ``kill -9`` of tritonserver leaves its stubs' regions in ``/dev/shm``
+    (RAM the host never gets back). Removed: regions owned by this user, older
+    than ``min_age_s`` (a live server creates and maps one in the same
+    moment), that no process we can see has mapped. Returns the removed names.
+    """
+    try:
+        candidates = [p for p in shm_dir.iterdir() if p.name.startswith(SHM_PREFIX)]
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    mapped = _mapped_shm(shm_dir)
+    now = time.time()
+    removed = []
+    for path in candidates:
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if st.st_uid != os.geteuid() or now - st.st_mtime < min_age_s or path.name in mapped:
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def _mapped_shm(shm_dir: Path) -> set[str]:
+    """Names of files under ``shm_dir`` mapped by any process whose maps we can read."""
+    prefix = f"{shm_dir}/"
+    names: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            at = line.find(prefix)
+            if at >= 0:
+                names.add(line[at + len(prefix) :].split(" ", 1)[0])
+    return names
 
 
 # --------------------------------------------------------------------------- ports
@@ -514,6 +675,8 @@ class LocalTriton:
         self.require_all_models = require_all_models
         #: Models that failed to load at start, with Triton's reason.
         self.unavailable: dict[str, str] = {}
+        #: Shared-memory regions of crashed servers removed at the last start.
+        self.shm_removed: list[str] = []
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -562,8 +725,8 @@ class LocalTriton:
 
     @property
     def command(self) -> list[str]:
-        """The argv of the last start, with the admin token redacted."""
-        return [c.replace(self._token, "<admin-token>") for c in self._command]
+        """The argv of the last start: the key never appears in it (see ``_environment``)."""
+        return list(self._command)
 
     @property
     def pid(self) -> int | None:
@@ -572,6 +735,11 @@ class LocalTriton:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process ended (negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.poll()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -594,13 +762,15 @@ class LocalTriton:
                 )
         install = locate_install()
         backend_dir = prepare_backend_directory(install)
-        env = server_environment(install)
+        env = self._environment(install)
         knows_max_input = _binary_knows(install.binary, "--http-max-input-size", install.libs)
         self._command = [
             str(install.binary),
             *s.local_flags(backend_directory=backend_dir, cache_directory=install.caches),
-            *s.flags(token=self._token, max_input_size_flag=knows_max_input),
+            # The key itself reaches the server through the argv shim (see _environment).
+            *s.flags(token=TOKEN_PLACEHOLDER, max_input_size_flag=knows_max_input),
         ]
+        self.shm_removed = clean_stale_shm()
         if self._log_path is None:
             fd, name = tempfile.mkstemp(prefix="setsuna-triton-", suffix=".log")
             os.close(fd)
@@ -608,7 +778,9 @@ class LocalTriton:
         # 2.51 has no body limit and copies an HTTP body onto a worker thread's
         # stack: a body over ~RLIMIT_STACK/2 (4 MiB by default) SIGSEGVs the server.
         # Size the stack so bodies up to max_input_size_bytes at least work.
-        stack_bytes = None if knows_max_input else 2 * s.max_input_size_bytes + 8 * MiB
+        stack_bytes = (
+            None if knows_max_input or not s.http else 2 * s.max_input_size_bytes + 8 * MiB
+        )
         began = time.monotonic()
         try:
             with self._log_path.open("wb") as log, _child_stack_limit(stack_bytes):
@@ -639,39 +811,95 @@ class LocalTriton:
         self.startup_s = time.monotonic() - began
         return self
 
+    def _environment(self, install: TritonInstall) -> dict[str, str]:
+        """The server's environment: the stub's needs, the key for the argv shim, nothing more.
+
+        The key travels in ``_SECRET_ENV`` (``/proc/<pid>/environ`` is readable
+        by this user only) and the shim in ``LD_PRELOAD`` puts it where the
+        placeholder stands in argv, then erases it; the operator's own
+        ``$SETSUNA_ADMIN_TOKEN`` is dropped so model code in the stubs never
+        inherits it.
+        """
+        env = server_environment(install)
+        env.pop(ADMIN_TOKEN_ENV, None)
+        shim = str(prepare_argv_secret())
+        if env.get("LD_PRELOAD"):
+            raise ServerError(
+                f"LD_PRELOAD={env['LD_PRELOAD']!r} is set: the launcher preloads its own "
+                "shim into tritonserver and will not run foreign code beside it; unset it"
+            )
+        env.update({"LD_PRELOAD": shim, _SECRET_MARK_ENV: shim, _SECRET_ENV: self._token})
+        install_stub_guard()
+        keys = seal.trusted_keys_path()
+        try:
+            seal.trusted_keys(keys)  # readable, owned, not writable by others, non-empty
+        except ConfigError as exc:
+            raise ServerError(str(exc)) from exc
+        env.update(
+            {
+                stub_guard.GUARD_ENV: "1",
+                stub_guard.ROOT_ENV: str(self.settings.model_repository),
+                seal.TRUSTED_KEYS_ENV: str(keys.resolve()),
+            }
+        )
+        return env
+
+    def _grpc(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(self.grpc_url)
+
     def _failed_models(self) -> dict[str, str]:
         """Models asked for at start that are not ready, with the reason Triton gives.
 
         Startup models are loaded before the endpoints open, so by the time the
-        server is ready each of them is READY or UNAVAILABLE for good.
+        server is ready each of them is READY or UNAVAILABLE for good. Also
+        checks that the key the shim substituted is the one in force: the
+        placeholder must be refused, or anyone who read argv could load models.
         """
-        wanted = set(self.settings.models)
-        if not wanted:
-            return {}
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        request = urllib.request.Request(
-            f"http://{self.http_url}/v2/repository/index",
-            data=b"{}",
-            headers={**self.admin_headers, "Content-Type": "application/json"},
-            method="POST",
-        )
+        client = self._grpc()
         try:
-            with opener.open(request, timeout=10.0) as resp:
-                index = json.loads(resp.read().decode())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise ServerError(f"cannot read the model repository index: {exc}") from exc
+            try:
+                client.get_model_repository_index(
+                    headers={GRPC_HEADER_PREFIX + self.settings.admin_header: TOKEN_PLACEHOLDER},
+                    client_timeout=10.0,
+                )
+            except InferenceServerException:
+                pass  # refused: the placeholder is not the key
+            else:
+                raise ServerError(
+                    "tritonserver accepted the argv placeholder as its admin key: the "
+                    "argv shim did not run (LD_PRELOAD ignored?); refusing to serve"
+                )
+            try:
+                index = client.get_model_repository_index(
+                    headers=self.grpc_admin_headers, as_json=True, client_timeout=10.0
+                )
+            except InferenceServerException as exc:
+                raise ServerError(f"cannot read the model repository index: {exc}") from exc
+        finally:
+            client.close()
+        wanted = set(self.settings.models)
         return {
             str(entry["name"]): str(entry.get("reason") or entry.get("state") or "not ready")
-            for entry in index
+            for entry in index.get("models", [])
             if entry.get("name") in wanted and entry.get("state") != "READY"
         }
 
     def _wait_ready(self, began: float) -> None:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxies
-        url = f"http://{self.http_url}/v2/health/ready"
         deadline = began + self.ready_timeout_s
         proc = self._proc
         assert proc is not None
+        client = self._grpc()
+        try:
+            self._poll_ready(proc, client, deadline)
+        finally:
+            client.close()
+
+    def _poll_ready(
+        self,
+        proc: subprocess.Popen[bytes],
+        client: grpcclient.InferenceServerClient,
+        deadline: float,
+    ) -> None:
         while True:
             rc = proc.poll()
             if rc is not None:
@@ -680,11 +908,10 @@ class LocalTriton:
                     f"(log {self._log_path}); last lines:\n{self.log_tail()}"
                 )
             try:
-                with opener.open(url, timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass  # not listening yet, or 400: not ready yet
+                if client.is_server_ready(client_timeout=1.0):
+                    return
+            except InferenceServerException:
+                pass  # not listening yet
             if time.monotonic() >= deadline:
                 raise ServerError(
                     f"tritonserver was not ready after {self.ready_timeout_s:.0f} s "
@@ -788,6 +1015,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="load only these models (repeatable; default: every model folder)",
     )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="also serve HTTP (off by default: Triton 2.51's HTTP frontend can be crashed "
+        "by one request; enable only where every client is trusted)",
+    )
+    p.add_argument("--max-restarts", type=int, default=5, help="restarts per window (0: none)")
+    p.add_argument("--restart-window-s", type=float, default=300.0)
     p.add_argument("--cache-size-bytes", type=int, default=d["cache_size_bytes"].default)
     p.add_argument("--max-input-size-bytes", type=int, default=d["max_input_size_bytes"].default)
     p.add_argument("--log-verbose", type=int, default=d["log_verbose"].default)
@@ -802,7 +1037,14 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Start the server, print where it listens, block until Ctrl-C or SIGTERM."""
+    """Start the server, print where it listens, supervise it until Ctrl-C or SIGTERM.
+
+    A crash of tritonserver (``kill -9``, a segfault) is not the end of
+    serving: it is logged with the exit status and the log's last lines, the
+    stale shared memory is cleaned and the server restarted, at most
+    ``--max-restarts`` times per ``--restart-window-s`` (a server that keeps
+    dying needs a person, and then this exits 1).
+    """
     args = _parser().parse_args(argv)
     try:
         settings = ServerSettings(
@@ -812,12 +1054,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             bind_address=args.bind_address,
             allow_remote_bind=args.allow_remote_bind,
+            http=args.http,
             load_models=None if args.load_models is None else tuple(args.load_models),
             cache_size_bytes=args.cache_size_bytes,
             max_input_size_bytes=args.max_input_size_bytes,
             log_verbose=args.log_verbose,
             exit_timeout_s=args.exit_timeout_s,
         )
+        policy = RestartPolicy(args.max_restarts, args.restart_window_s)
         server = LocalTriton(
             settings,
             ready_timeout_s=args.ready_timeout_s,
@@ -831,16 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # it runs in its own session and would otherwise outlive us.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        server.start()
-        _print_banner(server)
-        while server.running:
-            time.sleep(0.5)
-        print(
-            f"setsuna.server: tritonserver exited unexpectedly; last lines of "
-            f"{server.log_path}:\n{server.log_tail()}",
-            file=sys.stderr,
-        )
-        return 1
+        return _supervise(server, policy)
     except KeyboardInterrupt:
         print("stopping tritonserver ...", flush=True)
         return 0
@@ -850,6 +1085,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class RestartPolicy:
+    """At most ``max_restarts`` restarts within any ``window_s`` seconds."""
+
+    max_restarts: int = 5
+    window_s: float = 300.0
+    _times: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_restarts <= 1000:
+            raise ConfigError(f"max_restarts={self.max_restarts}: give 0..1000 (0: never restart)")
+        if not self.window_s > 0:
+            raise ConfigError(f"restart_window_s={self.window_s}: give a positive number")
+
+    def allow(self, now: float) -> bool:
+        """Record a restart at ``now`` if the budget allows it."""
+        self._times = [t for t in self._times if now - t < self.window_s]
+        if len(self._times) >= self.max_restarts:
+            return False
+        self._times.append(now)
+        return True
+
+
+def describe_exit(rc: int | None) -> str:
+    """``status 1`` or ``signal SIGKILL`` for a Popen return code."""
+    if rc is None:
+        return "still running"
+    if rc < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-rc).name}"
+    return f"status {rc}"
+
+
+def _supervise(server: LocalTriton, policy: RestartPolicy) -> int:
+    server.start()
+    _print_banner(server)
+    while True:
+        while server.running:
+            time.sleep(0.5)
+        how = describe_exit(server.returncode)
+        print(
+            f"setsuna.server: tritonserver exited unexpectedly ({how}); last lines of "
+            f"{server.log_path}:\n{server.log_tail()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.stop()  # reap the orphaned stubs of the dead server
+        if not policy.allow(time.monotonic()):
+            print(
+                f"setsuna.server: {policy.max_restarts} restarts within "
+                f"{policy.window_s:.0f} s; giving up. Read the log above and fix the cause.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        began = time.monotonic()
+        server.start()
+        print(
+            f"setsuna.server: restarted tritonserver after {how} in "
+            f"{time.monotonic() - began:.1f} s (pid {server.pid}; removed "
+            f"{len(server.shm_removed)} stale shared-memory regions)",
+            file=sys.stderr,
+            flush=True,
+        )
+        for model, reason in server.unavailable.items():
+            print(f"  NOT SERVING {model}: {reason}", file=sys.stderr, flush=True)
 
 
 def _print_banner(server: LocalTriton) -> None:
@@ -865,8 +1168,12 @@ def _print_banner(server: LocalTriton) -> None:
     startup = f"{server.startup_s:.1f} s" if server.startup_s is not None else "?"
     print(
         f"Triton ready in {startup}; models: {', '.join(s.models) or '(none)'}\n"
-        f"  HTTP     {server.http_url}   (http://{server.http_url}/v2)\n"
-        f"  gRPC     {server.grpc_url}\n"
+        + (
+            f"  HTTP     {server.http_url}   (http://{server.http_url}/v2)\n"
+            if s.http
+            else "  HTTP     off (--http turns it on; see the security notes)\n"
+        )
+        + f"  gRPC     {server.grpc_url}\n"
         f"  metrics  {server.metrics_url}\n"
         f"  log      {server.log_path}\n"
         f"  admin    {', '.join(s.restricted_apis)} need HTTP header '{s.admin_header}' "
