@@ -45,6 +45,26 @@ _LOADERS: dict[str, str] = {
 }
 
 
+def artifact(folder: Path, name: object) -> Path:
+    """``folder/name`` if it is a regular file inside ``folder``, else :class:`EngineError`.
+
+    Engine parameters come from the manifest, and an absolute path, a ``..``
+    or a symlink there would load a file the manifest's hashes never covered:
+    every artifact a loader opens goes through here.
+    """
+    text = str(name)
+    rel = Path(text)
+    if not text or rel.is_absolute() or ".." in rel.parts or len(rel.parts) != 1:
+        raise EngineError(
+            f"engine file {text!r} is not a plain file name inside the version folder; "
+            "the manifest was edited or built by something else: rebuild the model"
+        )
+    path = folder / rel
+    if path.is_symlink() or not path.is_file():
+        raise EngineError(f"engine file {path} is missing or not a regular file: rebuild")
+    return path
+
+
 def engine_kinds() -> tuple[str, ...]:
     """Names of every engine kind this version can load."""
     return tuple(_LOADERS)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from setsuna import runtime
 from setsuna.errors import EngineError
 from setsuna.runtime import F32
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
@@ -51,7 +52,7 @@ class OnnxEngine:
 
 def load(folder: Path, params: Mapping[str, Any]) -> OnnxEngine:
     return OnnxEngine(
-        folder / str(params.get("file", ONNX_FILE)),
+        runtime.artifact(folder, params.get("file", ONNX_FILE)),
         threads=int(params.get("threads", 1)),
         optimized_offline=bool(params.get("optimized_offline", True)),
     )

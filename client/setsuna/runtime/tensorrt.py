@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from setsuna import runtime
 from setsuna.errors import EngineError
 from setsuna.runtime import F32
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
@@ -87,4 +88,4 @@ class TensorRTEngine:
 
 
 def load(folder: Path, params: Mapping[str, Any]) -> TensorRTEngine:
-    return TensorRTEngine(folder / str(params.get("file", PLAN_FILE)))
+    return TensorRTEngine(runtime.artifact(folder, params.get("file", PLAN_FILE)))

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from setsuna import runtime
 from setsuna.errors import EngineError, ShapeError
 from setsuna.runtime import F32
 
@@ -258,7 +259,7 @@ def load_lleaves(folder: Path, params: Mapping[str, Any]) -> LleavesEngine:
         )
     flags = params.get("cpu_flags_sha256")
     return LleavesEngine(
-        folder / str(params["lib"]),
+        runtime.artifact(folder, params["lib"]),
         int(params["n_features"]),
         threads=int(params.get("threads", 1)),
         cpu_flags_sha256=None if flags is None else str(flags),
@@ -267,7 +268,8 @@ def load_lleaves(folder: Path, params: Mapping[str, Any]) -> LleavesEngine:
 
 def load_tl2cgen(folder: Path, params: Mapping[str, Any]) -> Tl2cgenEngine:
     return Tl2cgenEngine(
-        folder / str(params.get("lib", TL2CGEN_LIB)), threads=int(params.get("threads", 1))
+        runtime.artifact(folder, params.get("lib", TL2CGEN_LIB)),
+        threads=int(params.get("threads", 1)),
     )
 
 
@@ -277,7 +279,7 @@ def load_gtil(folder: Path, params: Mapping[str, Any]) -> GtilEngine:
             f"gtil params {dict(params)} need 'file' and 'model_type'; rebuild the model"
         )
     return GtilEngine(
-        folder / str(params["file"]),
+        runtime.artifact(folder, params["file"]),
         str(params["model_type"]),
         threads=int(params.get("threads", 1)),
     )
