@@ -5,10 +5,12 @@ batcher gathered; they are checked one by one against the feature schema (a
 bad request gets its own error and costs the others nothing), stacked into one
 array, and run through the engine in ONE native call. No Python runs per row.
 
-``initialize`` re-hashes every file of the version folder against
-``manifest.json`` and refuses to load on a mismatch, so a tampered engine is
-never served. An engine failure fails the requests it was running: there is
-no default prediction to fall back on.
+``initialize`` re-checks the version folder's signed seal and re-hashes
+every file against ``manifest.json``, refusing to load on a mismatch, so a
+tampered engine is never served (the stub guard, :mod:`setsuna.stub_guard`,
+already checked the seal before importing this wrapper's ``model.py``). An
+engine failure fails the requests it was running: there is no default
+prediction to fall back on.
 
 This module imports ``triton_python_backend_utils``, which exists only inside
 Triton's Python backend stub.
@@ -33,7 +35,8 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.manifest = manifest.verify(folder)  # raises TamperedArtifactError: load fails
+        # raises TamperedArtifactError: load fails
+        self.manifest = manifest.verify_sealed(folder)
         self.schema = self.manifest.schema
         self.engine = runtime.load(self.manifest.engine, folder, self.manifest.engine_params)
 

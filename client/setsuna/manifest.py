@@ -152,3 +152,15 @@ def verify(folder: Path) -> Manifest:
             "or rebuild the model"
         )
     return manifest
+
+
+def verify_sealed(folder: Path) -> Manifest:
+    """:func:`verify` plus the publisher's signed seal (:mod:`setsuna.seal`): what serving uses.
+
+    The seal covers ``manifest.json`` itself and the model's ``config.pbtxt``,
+    so a re-hashed manifest or an edited config is refused too.
+    """
+    from setsuna.seal import verify_version
+
+    verify_version(folder)
+    return verify(folder)
