@@ -112,3 +112,52 @@ def batch_dependent_onnx(path: Path, w: F32) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+PYTHON_CONFIG = """\
+name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {n} ] }} ]
+output [ {{ name: "score" data_type: TYPE_FP32 dims: [ {n} ] }} ]
+instance_group [ {{ kind: KIND_CPU count: {instances} }} ]
+"""
+
+#: Echoes its input: the smallest model a server test needs.
+IDENTITY_PY = """\
+import triton_python_backend_utils as pb_utils
+
+from setsuna.schema import INPUT_NAME, OUTPUT_NAME
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy()
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT_NAME, x.copy())]))
+        return out
+"""
+
+
+def python_model(
+    repo: Path,
+    name: str,
+    code: str = IDENTITY_PY,
+    *,
+    config: str | None = None,
+    n: int = 4,
+    instances: int = 1,
+    seal: bool = True,
+) -> Path:
+    """Write ``repo/name/{config.pbtxt, 1/model.py}`` and seal it as the build would."""
+    from setsuna import seal as sealing
+
+    model_dir = repo / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    text = config if config is not None else PYTHON_CONFIG
+    (model_dir / "config.pbtxt").write_text(text.format(name=name, n=n, instances=instances))
+    (model_dir / "1" / "model.py").write_text(code)
+    if seal:
+        sealing.seal_model(model_dir)
+    return model_dir
