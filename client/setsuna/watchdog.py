@@ -60,6 +60,8 @@ _STUB_NAME: Final = "triton_python_backend_stub"
 _PROC: Final = "/proc"
 _MAX_EVENTS: Final = 200
 _JOIN_GRACE_S: Final = 5.0
+#: Bound on the cheap calls (index, config, readiness); loads get ``reload_timeout_s``.
+_CALL_TIMEOUT_S: Final = 5.0
 
 Action = Literal["reloaded", "reload_failed", "gave_up", "unload_failed"]
 
@@ -351,7 +353,7 @@ class ModelWatchdog:
             if not self._is_python(model):
                 continue
             record = self._records.get(model)
-            if record is None or not all(_alive(s, pid) for s in record.values()):
+            if not record or not all(_alive(s, pid) for s in record.values()):
                 suspects.append(model)
         by_model: dict[str, list[Stub]] = {}
         if suspects:
@@ -371,7 +373,7 @@ class ModelWatchdog:
             index = self._grpc().get_model_repository_index(
                 headers=self.server.grpc_admin_headers,
                 as_json=True,
-                client_timeout=self.settings.reload_timeout_s,
+                client_timeout=_CALL_TIMEOUT_S,
             )
         except Exception as exc:  # server busy or going away: say so once, retry next time
             if not self._index_failing:
@@ -387,7 +389,7 @@ class ModelWatchdog:
         if known is None:
             try:
                 config = self._grpc().get_model_config(
-                    model, as_json=True, client_timeout=self.settings.reload_timeout_s
+                    model, as_json=True, client_timeout=_CALL_TIMEOUT_S
                 )["config"]
             except Exception as exc:  # unloaded meanwhile: next check sees it
                 logger.debug("no config for %s yet: %s", model, exc)
@@ -428,9 +430,7 @@ class ModelWatchdog:
 
     def _probe(self, model: str) -> bool:
         try:
-            return bool(
-                self._grpc().is_model_ready(model, client_timeout=self.settings.reload_timeout_s)
-            )
+            return bool(self._grpc().is_model_ready(model, client_timeout=_CALL_TIMEOUT_S))
         except Exception as exc:
             logger.debug("readiness probe of %s failed: %s", model, exc)
             return True  # unreachable is the index's business, not a verdict on the model
@@ -439,6 +439,9 @@ class ModelWatchdog:
 
     def _recover(self, model: str, dead: tuple[int, ...], why: str) -> None:
         self._records.pop(model, None)
+        ready = self._ready_models()
+        if ready is None or model not in ready:  # unloaded meanwhile (an operator): leave it
+            return
         now = time.monotonic()
         recent = self._reloads.setdefault(model, deque())
         while recent and recent[0] <= now - self.settings.reload_window_s:
@@ -495,7 +498,7 @@ class ModelWatchdog:
         stubs = [
             s for s in scan_stubs(pid) if s.model == model and (s.pid, s.start_ticks) not in before
         ]
-        if not stubs:
+        if not stubs and self._python.get(model):
             return [], "the load returned but started no stub process"
         return stubs, None
 
