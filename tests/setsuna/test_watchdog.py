@@ -64,8 +64,28 @@ class TritonPythonModel:
         return []
 """
 
-# Each test owns one model; "bystander" is only ever killed by nobody.
-MODELS = {"solo": 1, "duo": 2, "fragile": 1, "crashy": 1, "orphan": 1, "bystander": 1}
+ENSEMBLE_CONFIG = """\
+platform: "ensemble"
+max_batch_size: 8
+input [ { name: "features" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "score" data_type: TYPE_FP32 dims: [ 4 ] } ]
+ensemble_scheduling { step [ {
+  model_name: "member" model_version: -1
+  input_map { key: "features" value: "features" }
+  output_map { key: "score" value: "score" }
+} ] }
+"""
+
+# Each test owns one model; "member" (behind the ensemble "pair") is never killed.
+MODELS = {
+    "solo": 1,
+    "duo": 2,
+    "fragile": 1,
+    "crashy": 1,
+    "orphan": 1,
+    "bystander": 1,
+    "member": 1,
+}
 ROW = np.arange(4, dtype=np.float32).reshape(1, 4)
 DEADLINE_S = 60.0
 
@@ -83,6 +103,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
     repo = tmp_path_factory.mktemp("repo")
     for name, count in MODELS.items():
         write_model(repo, name, IDENTITY_PY, count)
+    (repo / "pair" / "1").mkdir(parents=True)  # an ensemble: no model.py, no stub
+    (repo / "pair" / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
     with LocalTriton(settings, log_path=repo.parent / "triton.log") as srv:
@@ -285,6 +307,14 @@ def test_operator_reload_and_unload_are_not_deaths(server: LocalTriton) -> None:
     kill(server, stub_pids(server, "bystander"))
     wd.check_once()
     assert wd.restarts == {"bystander": 1}
+
+
+def test_a_model_without_stubs_is_not_a_dead_model(server: LocalTriton) -> None:
+    """An ensemble runs no stub of its own: zero stubs must not read as dead."""
+    wd = ModelWatchdog(server)
+    assert not wd.check_once() and not wd.check_once()
+    assert ready(server, "pair")
+    np.testing.assert_array_equal(infer(server, "pair"), ROW)
 
 
 # ------------------------------------------------------------------ settings (no server)
