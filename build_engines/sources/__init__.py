@@ -78,6 +78,11 @@ def from_path(
     """Load a model file by its suffix (and, for JSON, by its content)."""
     if not path.is_file():
         raise SourceError(f"{path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise SourceError(
+            f"{path} is empty (an interrupted save or copy?); save the model again in its "
+            f"library's own format: {_KNOWN}"
+        )
     suffix = path.suffix.lower()
     kw: dict[str, Any] = {"name": name, "feature_names": feature_names, "allow_nan": allow_nan}
     if suffix in PICKLE_SUFFIXES:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from build_engines.base import F32, Source, Task
+from build_engines.sources import vet
 from setsuna.errors import (
     ConfigError,
     PickleRefusedError,
@@ -150,9 +151,10 @@ def _lightgbm_booster(model: Any) -> lightgbm.Booster:
 
     if isinstance(model, (str, os.PathLike)):
         path = _model_file(model, "LightGBM", "booster.save_model('model.txt')")
+        text = vet.lightgbm_text(path)  # read in a child first: a bad file aborts LightGBM
         try:
-            booster = lgb.Booster(model_str=path.read_text())
-        except (UnicodeDecodeError, lgb.basic.LightGBMError) as exc:
+            booster = lgb.Booster(model_str=text)
+        except lgb.basic.LightGBMError as exc:
             raise SourceError(
                 f"{path} is not a LightGBM text model ({exc}); save one with "
                 "booster.save_model('model.txt')"
@@ -236,8 +238,9 @@ def _xgboost_booster(model: Any) -> xgboost.Booster:
                 f"{path}: only XGBoost JSON (.json) and UBJSON (.ubj) files are read; "
                 "re-save the model with booster.save_model('model.json')"
             )
+        data = vet.xgboost_bytes(path)  # read in a child first: bad trees crash XGBoost
         try:
-            return xgb.Booster(model_file=str(path))
+            return xgb.Booster(model_file=bytearray(data))
         except xgb.core.XGBoostError as exc:
             raise SourceError(f"{path} is not a readable XGBoost model: {exc}") from exc
     if isinstance(model, xgb.Booster):
