@@ -110,7 +110,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     ]
     feed = ReplayFeed.from_frame(pd.concat(tails, ignore_index=True))
     http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    # HTTP is off by default; on here because the client test covers both protocols.
+    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, http=True)
     with LocalTriton(settings, log_path=root / "triton.log") as server:
         yield Served(server, repo, feed, warm)
 
