@@ -4,7 +4,8 @@
 (needs ``eurusd_lgbm`` built: ``make build-engines``):
 
 (a) one symbol, bar by bar (real EURUSD bars): tick-to-signal p50/p99 of
-    the pipeline with the audit log on, next to the raw feature update
+    the pipeline with the audit log on (each decision waits for its audit
+    commit, ``--audit-synchronous`` FULL or NORMAL), next to the raw feature update
     (``FeatureEngine.update`` of one bar) and the direct Triton call
     (``tritonclient`` gRPC ``infer`` of one row, no setsuna code) measured in
     the same run. Targets: p99 <= 3 ms and <= 1.3x (raw features + raw call).
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from setsuna.audit import AuditLog
+from setsuna.audit import AuditLog, AuditSettings, Synchronous
 from setsuna.client import Client
 from setsuna.features import FeatureEngine, default_spec
 from setsuna.market import BarRecords, ReplayFeed, datasets
@@ -41,7 +42,7 @@ def _pct(h: LatencyHistogram) -> tuple[float, float]:
     return h.quantile(0.5) / 1e3, h.quantile(0.99) / 1e3
 
 
-def one_symbol(url: str, bars: BarRecords, out: Path) -> dict[str, float]:
+def one_symbol(url: str, bars: BarRecords, out: Path, audit: AuditSettings) -> dict[str, float]:
     warm, live = bars[:100], bars[100:]
     # raw parts
     raw_engine = FeatureEngine(default_spec(), ("EURUSD",))
@@ -67,7 +68,7 @@ def one_symbol(url: str, bars: BarRecords, out: Path) -> dict[str, float]:
     engine.update(np.ascontiguousarray(warm))
     with (
         Client(url) as client,
-        AuditLog(out / "one.db", feature_names=default_spec().names) as log,
+        AuditLog(out / "one.db", feature_names=default_spec().names, settings=audit) as log,
     ):
         pipe = Pipeline(engine, client, ThresholdPolicy(1), PipelineSettings(MODEL), audit=log)
         for i in range(len(live)):
@@ -78,6 +79,7 @@ def one_symbol(url: str, bars: BarRecords, out: Path) -> dict[str, float]:
     p50, p99 = _pct(h)
     return {
         "bars": len(live),
+        "audit_commits": log.commits,
         "pipeline_p50_ms": p50,
         "pipeline_p99_ms": p99,
         "raw_features_p50_ms": f50,
@@ -89,7 +91,9 @@ def one_symbol(url: str, bars: BarRecords, out: Path) -> dict[str, float]:
     }
 
 
-def many_symbols(url: str, bars: BarRecords, n_symbols: int, out: Path) -> dict[str, float]:
+def many_symbols(
+    url: str, bars: BarRecords, n_symbols: int, out: Path, audit: AuditSettings
+) -> dict[str, float]:
     """Every symbol gets the same real series, offset in time by one bar per symbol id."""
     n_bars = 300
     base = bars[:n_bars]
@@ -102,7 +106,7 @@ def many_symbols(url: str, bars: BarRecords, n_symbols: int, out: Path) -> dict[
     live = np.ascontiguousarray(rec[warm_bars * n_symbols :])
     with (
         Client(url) as client,
-        AuditLog(out / "many.db", feature_names=default_spec().names) as log,
+        AuditLog(out / "many.db", feature_names=default_spec().names, settings=audit) as log,
     ):
         pipe = Pipeline(
             engine, client, ThresholdPolicy(n_symbols), PipelineSettings(MODEL), audit=log
@@ -117,6 +121,7 @@ def many_symbols(url: str, bars: BarRecords, n_symbols: int, out: Path) -> dict[
         "symbols": n_symbols,
         "bars": n_bars - warm_bars,
         "decisions_per_s": s.decisions / wall,
+        "audit_rows_per_commit": log.recorded / max(log.commits, 1),
         "batch_p50_ms": p50,
         "batch_p99_ms": p99,
     }
@@ -164,7 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m perf.pipeline", description=__doc__)
     p.add_argument("--model-repository", type=Path, default=Path("model_repository/local"))
     p.add_argument("--symbols", type=int, default=500)
+    p.add_argument(
+        "--audit-synchronous",
+        choices=("FULL", "NORMAL"),
+        default=AuditSettings.synchronous,
+        help="how durable each audit commit is before its decision is passed on",
+    )
     args = p.parse_args(argv)
+    sync: Synchronous = args.audit_synchronous
+    audit = AuditSettings(synchronous=sync)
     bars = np.array(ReplayFeed.from_frame(datasets.eurusd()).records)
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(
@@ -177,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory() as tmp, LocalTriton(settings) as server:
         out = Path(tmp)
-        a = one_symbol(server.grpc_url, bars[:1600], out)
-        b = many_symbols(server.grpc_url, bars, args.symbols, out)
+        a = one_symbol(server.grpc_url, bars[:1600], out, audit)
+        b = many_symbols(server.grpc_url, bars, args.symbols, out, audit)
         b["perf_analyzer_rows_per_s"] = perf_analyzer(server.grpc_url, args.symbols) or float("nan")
     ok_a = a["pipeline_p99_ms"] <= 3.0 and a["ratio_p99"] <= 1.3
     ok_b = b["decisions_per_s"] >= 50_000
-    print(json.dumps({"one_symbol": a, "many_symbols": b}, indent=2))
+    print(json.dumps({"audit_synchronous": sync, "one_symbol": a, "many_symbols": b}, indent=2))
     print(
         f"(a) tick-to-signal p50/p99 {a['pipeline_p50_ms']:.3f}/{a['pipeline_p99_ms']:.3f} ms; "
         f"raw features {a['raw_features_p50_ms']:.4f}/{a['raw_features_p99_ms']:.4f} ms + "

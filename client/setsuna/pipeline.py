@@ -3,7 +3,14 @@
 Events that arrive together (every symbol of one bar, a burst of ticks) go
 to Triton as one request; a single event goes straight through. Per request
 the pipeline makes one feature-engine call, one ``Client.infer`` call, one
-policy call and one audit enqueue: no Python per row on the hot path.
+policy call and one audit commit: no Python per row on the hot path.
+
+Nothing is passed on unrecorded: :meth:`Pipeline.process` waits until the
+request's audit record is committed (:meth:`AuditLog.commit`, bounded by
+``commit_timeout_ms``; the writer groups whatever is queued into one
+transaction) before it hands the decisions to the sinks or returns them. A
+commit that fails means those decisions reach no sink: they are counted as
+``audit_failed`` and the run stops.
 
 It refuses to start on a model whose feature schema (names, in order) is
 not the feature engine's (:class:`~setsuna.errors.SchemaMismatchError`), read
@@ -19,12 +26,12 @@ bad or out-of-order event            the engine's policy: raise, or drop and cou
 deadline / overload after retries    skip that request, counted (a late signal is none)
 server refused the tensors           skip that request, counted
 server gone, model not ready         stop cleanly: flush the audit, report the reason
-audit locked or full                 stop cleanly; nothing is passed on unrecorded
+audit locked, full or too slow       stop cleanly; the request's decisions reach no sink
 ===================================  =====================================================
 
-Stage latencies (features, network+Triton, policy, audit) and tick-to-signal
-(arrival of the events to the signal handed on, audit enqueue included) are
-kept per request in :class:`LatencyHistogram`.
+Stage latencies (features, network+Triton, policy, audit commit) and
+tick-to-signal (arrival of the events to the signal handed on, the audit
+commit included) are kept per request in :class:`LatencyHistogram`.
 """
 
 from __future__ import annotations
@@ -326,7 +333,10 @@ class Pipeline:
         score = pred.outputs.get(OUTPUT_NAME)
         score_1d = None if score is None else score.reshape(-1).astype(np.float32, copy=False)
         served_signal = pred.outputs.get("signal")
+        lat = [(t1 - t0) / 1e3, (t2 - t1) / 1e3, (t3 - t2) / 1e3]
         if self.audit is not None:
+            # The row's audit and total stop at the record: it cannot hold its own commit.
+            t_rec = time.perf_counter_ns()
             batch = DecisionBatch(
                 request_id=pred.request_id,
                 endpoint=self.settings.model,
@@ -338,16 +348,15 @@ class Pipeline:
                 score=score_1d,
                 served_signal=None if served_signal is None else served_signal.reshape(-1),
                 signal=signals,
+                latencies_us=[*lat, (t_rec - t3) / 1e3, (t_rec - t0) / 1e3],
             )
             try:
-                self.audit.record(batch)
+                self.audit.commit(batch)  # durable before anything is passed on
             except AuditError as exc:
                 s.skip("audit_failed", len(x))
                 raise Stop(f"{type(exc).__name__}: {exc}") from exc
         t4 = time.perf_counter_ns()
-        lat = [(t1 - t0) / 1e3, (t2 - t1) / 1e3, (t3 - t2) / 1e3, (t4 - t3) / 1e3, (t4 - t0) / 1e3]
-        if self.audit is not None:
-            batch.latencies_us[:] = lat  # the writer reads them later, off the hot path
+        lat += [(t4 - t3) / 1e3, (t4 - t0) / 1e3]
         for name, value in zip(STAGES, lat, strict=True):
             s.latency[name].record(value)
         s.requests += 1

@@ -309,7 +309,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model-repository", type=Path, help="checks schemas, records artifact hashes")
     p.add_argument("--spec", type=Path, help="feature spec JSON (default: the default set)")
     p.add_argument("--audit", type=Path, default=Path("replay-audit.db"))
-    p.add_argument("--flush-interval-ms", type=float, default=100.0)
+    p.add_argument(
+        "--audit-synchronous",
+        choices=("FULL", "NORMAL"),
+        default=AuditSettings.synchronous,
+        help="FULL: each audit commit reaches the disk before its decisions are passed on "
+        "(survives a power cut); NORMAL: the OS cache (survives a killed process)",
+    )
     p.add_argument("--report", type=Path, help="write report.md and pictures here")
     p.add_argument("--policy", choices=("served", "threshold"), default="threshold")
     p.add_argument("--buy-at", type=float, default=0.55)
@@ -336,7 +342,7 @@ def _run(args: argparse.Namespace) -> int:
             spec=spec,
             repository=args.model_repository,
             audit_path=args.audit,
-            audit_settings=AuditSettings(flush_interval_ms=args.flush_interval_ms),
+            audit_settings=AuditSettings(synchronous=args.audit_synchronous),
             policy=args.policy,
             policy_settings=PolicySettings(args.cooldown_ms, args.max_open_positions),
             thresholds=(args.buy_at, args.sell_at, args.hysteresis),

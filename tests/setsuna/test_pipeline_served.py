@@ -25,7 +25,7 @@ from build_engines.spec import ModelSpec
 from ensembles import repository as rep
 from ensembles import signal
 from setsuna import audit as audit_mod
-from setsuna.audit import AuditLog, AuditSettings
+from setsuna.audit import AuditLog
 from setsuna.client import AsyncClient, Client, ClientSettings
 from setsuna.dataset import LABEL, build_dataset, feature_matrix
 from setsuna.errors import (
@@ -179,7 +179,6 @@ def test_replay_audits_every_decision_and_verify_reproduces_them(
             spec=SPEC,
             repository=served.repo,
             audit_path=db,
-            audit_settings=AuditSettings(flush_interval_ms=50),
             policy="served",
             warmup_bars=served.warmup_bars,
         )
@@ -242,7 +241,7 @@ def test_server_killed_mid_replay_stops_cleanly_and_counts(served: Served, tmp_p
     client_settings = ClientSettings(deadline_ms=500, max_retries=1)
     try:
         with Client(server.grpc_url, settings=client_settings) as c:
-            log = AuditLog(db, feature_names=SPEC.names, settings=AuditSettings(25))
+            log = AuditLog(db, feature_names=SPEC.names)
             pipe = Pipeline(
                 engine,
                 c,
