@@ -15,7 +15,9 @@ the safe ones are retried — :class:`~setsuna.errors.UnavailableError` and
 :class:`~setsuna.errors.OverloadedError`, where the request did not run — with
 exponential backoff capped by ``backoff_max_ms`` and never past the call's
 ``deadline_ms``. A deadline, a refused input or a model that is not ready is
-raised at once: retrying cannot fix them and would only spend the budget.
+raised at once: retrying cannot fix them and would only spend the budget. A
+model whose backend stub process died is not ready, although Triton 2.51
+still reports it READY (:data:`_DEAD_STUB`).
 
 :class:`AsyncClient` is the ``asyncio`` twin with the same API and rules.
 """
@@ -156,6 +158,10 @@ class Prediction:
 # --------------------------------------------------------------------------- errors
 
 
+#: Triton 2.51's answer (gRPC INTERNAL, HTTP 500), after its 1 s health check, to a
+#: request for a model whose Python stub process died: "Stub process 'm_0_1' is not
+#: healthy." The model stays READY, so only this text tells (measured: SIGKILL of the stubs).
+_DEAD_STUB = ("stub process", "is not healthy")
 _NOT_READY = ("is not ready", "unknown model", "is not found", "not found", "unavailable model")
 _OVERLOADED = ("exceeds maximum queue size", "request timeout expired", "resource exhausted")
 _GONE = (
@@ -182,6 +188,12 @@ def translate(exc: BaseException, model: str) -> ServingError:
         return DeadlineError(f"{where}; no answer within the deadline: raise deadline_ms")
     if any(s in text for s in _OVERLOADED):
         return OverloadedError(f"{where}; the server is overloaded: slow down or add instances")
+    if all(s in text for s in _DEAD_STUB):
+        return ModelNotReadyError(
+            f"{where}; the model's backend process died although Triton still reports the "
+            "model READY: reload the model (model-repository API, admin key) or restart the "
+            "server, and read the server log for why it died"
+        )
     if any(s in text for s in _NOT_READY):
         return ModelNotReadyError(
             f"{where}; load the model (make serve loads the repository) or check its name"

@@ -25,7 +25,10 @@ failure                              what the pipeline does
 bad or out-of-order event            the engine's policy: raise, or drop and count
 deadline / overload after retries    skip that request, counted (a late signal is none)
 server refused the tensors           skip that request, counted
-server gone, model not ready         stop cleanly: flush the audit, report the reason
+``max_consecutive_failed_requests``  stop cleanly: a run that skips everything is no run
+skipped requests in a row            (a dead model answers nothing but deadlines)
+server gone, model not ready or      stop cleanly, with the reason
+dead, any other serving error
 audit locked, full or too slow       stop cleanly; the request's decisions reach no sink
 ===================================  =====================================================
 
@@ -59,6 +62,7 @@ from setsuna.errors import (
     OverloadedError,
     RejectedInputError,
     SchemaMismatchError,
+    ServingError,
     UnavailableError,
 )
 from setsuna.features import FeatureEngine
@@ -222,13 +226,22 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """How the pipeline calls the model; validated once."""
+    """How the pipeline calls the model; validated once.
+
+    ``max_consecutive_failed_requests`` (default 50) stops the run after
+    that many requests in a row were skipped for a deadline, an overload or
+    a refused input: a model whose backend died can stay READY and answer
+    every request with a timeout, and a run that skips everything must end
+    loudly instead of reporting success. At the default 50 ms deadline, 50
+    requests are ~2.5 s of nothing.
+    """
 
     model: str
     deadline_ms: float = 50.0
     max_batch_rows: int = 1024
     #: Send each row's symbol as the sticky A/B key (only to models that take one).
     key_by_symbol: bool = True
+    max_consecutive_failed_requests: int = 50
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -237,6 +250,11 @@ class PipelineSettings:
             raise ConfigError(f"deadline_ms={self.deadline_ms}: give a positive budget")
         if self.max_batch_rows < 1:
             raise ConfigError(f"max_batch_rows={self.max_batch_rows}: give >= 1")
+        if self.max_consecutive_failed_requests < 1:
+            raise ConfigError(
+                f"max_consecutive_failed_requests={self.max_consecutive_failed_requests}: "
+                "give >= 1 requests (default 50)"
+            )
 
 
 class Stop(Exception):
@@ -260,6 +278,7 @@ class Pipeline:
         self.engine, self.client, self.policy, self.settings = engine, client, policy, settings
         self.audit, self.catalog, self.sinks = audit, catalog, tuple(sinks)
         self.summary = RunSummary()
+        self._failed_in_a_row = 0
         info = client.model_info(settings.model)
         if info.feature_dims != (engine.n_features,):
             raise SchemaMismatchError(
@@ -317,14 +336,12 @@ class Pipeline:
                 outputs=self._outputs,
             )
         except (DeadlineError, OverloadedError, RejectedInputError) as exc:
-            reason = {DeadlineError: "deadline", OverloadedError: "overloaded"}.get(
-                type(exc), "rejected"
-            )
-            s.skip(reason, len(x))
+            self._failed(exc, len(x))
             return None
-        except (UnavailableError, ModelNotReadyError) as exc:
-            s.skip("server_gone", len(x))
+        except ServingError as exc:
+            s.skip(_stop_reason(exc), len(x))
             raise Stop(f"{type(exc).__name__}: {exc}") from exc
+        self._failed_in_a_row = 0
         t2 = time.perf_counter_ns()
         served_by = pred.served_by
         artifacts = self._artifacts_of(served_by)
@@ -370,6 +387,22 @@ class Pipeline:
         for sink in self.sinks:
             sink(out)
         return out
+
+    def _failed(self, exc: ServingError, rows: int) -> None:
+        """Count a skipped request; stop once too many failed in a row."""
+        reason = {DeadlineError: "deadline", OverloadedError: "overloaded"}.get(
+            type(exc), "rejected"
+        )
+        self.summary.skip(reason, rows)
+        self._failed_in_a_row += 1
+        limit = self.settings.max_consecutive_failed_requests
+        if self._failed_in_a_row >= limit:
+            raise Stop(
+                f"{limit} requests in a row failed (last: {type(exc).__name__}: {exc}); "
+                f"{self.settings.model} answers nothing. Check that the model is alive (a "
+                "killed backend stub stays READY), or raise deadline_ms / "
+                "max_consecutive_failed_requests"
+            ) from exc
 
     def _artifacts_of(self, served_by: npt.NDArray[np.object_]) -> npt.NDArray[np.object_]:
         """Artifact hash per row; an engine seen for the first time is schema-checked."""
@@ -428,6 +461,15 @@ class Pipeline:
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             for start in range(a, b, cap):
                 yield records[start : min(b, start + cap)]
+
+
+def _stop_reason(exc: ServingError) -> str:
+    """The skip counter of a serving error that ends the run."""
+    if isinstance(exc, UnavailableError):
+        return "server_gone"
+    if isinstance(exc, ModelNotReadyError):
+        return "model_not_ready"
+    return "serving_error"
 
 
 def summary_json(summary: RunSummary) -> dict[str, Any]:

@@ -153,6 +153,7 @@ def replay(
     warmup_bars: int = 0,
     horizon_bars: int = 5,
     deadline_ms: float = 50.0,
+    max_consecutive_failed_requests: int = PipelineSettings.max_consecutive_failed_requests,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReplayResult:
     """Replay ``feed`` through ``model``; see the module docstring."""
@@ -195,7 +196,11 @@ def replay(
             engine,
             client,
             pol,
-            PipelineSettings(model, deadline_ms=deadline_ms),
+            PipelineSettings(
+                model,
+                deadline_ms=deadline_ms,
+                max_consecutive_failed_requests=max_consecutive_failed_requests,
+            ),
             audit=audit,
             catalog=catalog,
             sinks=(collected,),
@@ -326,6 +331,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--warmup-bars", type=int, default=0)
     p.add_argument("--horizon", type=int, default=5, help="bars ahead for the hit rate")
     p.add_argument("--deadline-ms", type=float, default=50.0)
+    p.add_argument(
+        "--max-consecutive-failed-requests",
+        type=int,
+        default=PipelineSettings.max_consecutive_failed_requests,
+        help="stop (exit 1) after this many requests in a row failed (deadline, overload, "
+        "refused input)",
+    )
     p.add_argument("--on-bad-rows", choices=("raise", "drop"), default="raise")
     p.set_defaults(handler=_run)
 
@@ -349,9 +361,13 @@ def _run(args: argparse.Namespace) -> int:
             warmup_bars=args.warmup_bars,
             horizon_bars=args.horizon,
             deadline_ms=args.deadline_ms,
+            max_consecutive_failed_requests=args.max_consecutive_failed_requests,
             progress=progress_bar(),
         )
     print(summary_text(result))
     if args.report is not None:
         print(f"report {write_report(result, args.report)}")
-    return 1 if result.summary.stopped else 0
+    if result.summary.stopped:
+        print(f"setsuna replay: the run stopped: {result.summary.stopped}", file=sys.stderr)
+        return 1
+    return 0

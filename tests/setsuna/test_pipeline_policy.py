@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from setsuna.errors import ConfigError
+from setsuna.pipeline import PipelineSettings
 from setsuna.policy import PolicySettings, ServedSignalPolicy, ThresholdPolicy
 
 MS = 1_000_000
@@ -73,3 +74,6 @@ def test_settings_are_validated_once() -> None:
         ThresholdPolicy(1, buy_at=0.6, sell_at=0.4, hysteresis=0.1)
     with pytest.raises(ConfigError):
         PolicySettings(cooldown_ms=-1)
+    with pytest.raises(ConfigError, match="max_consecutive_failed_requests=0"):
+        PipelineSettings("m", max_consecutive_failed_requests=0)
+    assert PipelineSettings("m").max_consecutive_failed_requests == 50
