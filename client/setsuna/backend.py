@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
-from setsuna import manifest, runtime
+from setsuna import manifest, runtime, stub_guard
 from setsuna.errors import InputError
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
@@ -34,6 +34,7 @@ class TritonPythonModel:
     """Serve the engine described by this version folder's manifest."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        stub_guard.require()
         folder = Path(args["model_repository"]) / args["model_version"]
         # raises TamperedArtifactError: load fails
         self.manifest = manifest.verify_sealed(folder)

@@ -542,9 +542,15 @@ def install_stub_guard() -> Path:
     site = Path(sysconfig.get_path("purelib"))
     path = site / stub_guard.PTH_NAME
     try:
-        if path.is_file() and path.read_text() == stub_guard.PTH_LINE:
+        # 0644: an unreadable .pth is skipped by site without a word (no guard at all).
+        if (
+            path.is_file()
+            and path.stat().st_mode & 0o777 == 0o644
+            and path.read_text() == stub_guard.PTH_LINE
+        ):
             return path
         fd, tmp = tempfile.mkstemp(prefix=".setsuna-guard-", dir=site)
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as f:
             f.write(stub_guard.PTH_LINE)
         Path(tmp).replace(path)
@@ -845,7 +851,9 @@ class LocalTriton:
         return env
 
     def _grpc(self) -> grpcclient.InferenceServerClient:
-        return grpcclient.InferenceServerClient(self.grpc_url)
+        # gRPC backs off reconnecting (1 s, then x1.6) to a port nobody listens on
+        # yet; while polling a starting server, retry every 50-200 ms instead.
+        return grpcclient.InferenceServerClient(self.grpc_url, channel_args=_FAST_RECONNECT)
 
     def _failed_models(self) -> dict[str, str]:
         """Models asked for at start that are not ready, with the reason Triton gives.
@@ -958,6 +966,12 @@ class LocalTriton:
     ) -> None:
         self.stop()
 
+
+_FAST_RECONNECT: Final = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 200),
+]
 
 _rlimit_lock = threading.Lock()
 
@@ -1121,38 +1135,46 @@ def describe_exit(rc: int | None) -> str:
 
 
 def _supervise(server: LocalTriton, policy: RestartPolicy) -> int:
-    server.start()
+    server.start()  # a first start that fails is a configuration problem: exit 1
     _print_banner(server)
     while True:
         while server.running:
             time.sleep(0.5)
         how = describe_exit(server.returncode)
-        print(
-            f"setsuna.server: tritonserver exited unexpectedly ({how}); last lines of "
-            f"{server.log_path}:\n{server.log_tail()}",
-            file=sys.stderr,
-            flush=True,
+        _say(
+            f"tritonserver exited unexpectedly ({how}); last lines of "
+            f"{server.log_path}:\n{server.log_tail()}"
         )
         server.stop()  # reap the orphaned stubs of the dead server
-        if not policy.allow(time.monotonic()):
-            print(
-                f"setsuna.server: {policy.max_restarts} restarts within "
-                f"{policy.window_s:.0f} s; giving up. Read the log above and fix the cause.",
-                file=sys.stderr,
-                flush=True,
-            )
+        if not _restart(server, policy, how):
             return 1
+
+
+def _restart(server: LocalTriton, policy: RestartPolicy, how: str) -> bool:
+    """Start again until it works or the budget is spent; False when giving up."""
+    while policy.allow(time.monotonic()):
         began = time.monotonic()
-        server.start()
-        print(
-            f"setsuna.server: restarted tritonserver after {how} in "
-            f"{time.monotonic() - began:.1f} s (pid {server.pid}; removed "
-            f"{len(server.shm_removed)} stale shared-memory regions)",
-            file=sys.stderr,
-            flush=True,
+        try:
+            server.start()
+        except ServerError as exc:
+            _say(f"restart failed: {exc}")
+            continue
+        _say(
+            f"restarted tritonserver after {how} in {time.monotonic() - began:.1f} s "
+            f"(pid {server.pid}; removed {len(server.shm_removed)} stale shared-memory regions)"
         )
         for model, reason in server.unavailable.items():
-            print(f"  NOT SERVING {model}: {reason}", file=sys.stderr, flush=True)
+            _say(f"  NOT SERVING {model}: {reason}")
+        return True
+    _say(
+        f"{policy.max_restarts} restarts within {policy.window_s:.0f} s; giving up. "
+        "Read the log above and fix the cause."
+    )
+    return False
+
+
+def _say(message: str) -> None:
+    print(f"setsuna.server: {message}", file=sys.stderr, flush=True)
 
 
 def _print_banner(server: LocalTriton) -> None:

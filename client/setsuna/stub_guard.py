@@ -153,3 +153,23 @@ def install() -> None:
         raise RuntimeError(f"setsuna: ${GUARD_ENV} is set without ${ROOT_ENV}")
     sys.dont_write_bytecode = True
     sys.meta_path.insert(0, RepositoryGuard(Path(root)))
+
+
+def active() -> bool:
+    """Whether this interpreter's imports go through a :class:`RepositoryGuard`."""
+    return any(isinstance(f, RepositoryGuard) for f in sys.meta_path)
+
+
+def require() -> None:
+    """Refuse to go on in a stub the launcher meant to guard but that is not guarded.
+
+    The .pth line can be skipped silently (an unreadable file, another
+    venv); a model that finds itself unguarded refuses to load rather than
+    serve from a repository nothing checked.
+    """
+    if os.environ.get(GUARD_ENV) == "1" and in_stub() and not active():
+        raise ImportError(
+            f"setsuna: ${GUARD_ENV} is set but the stub guard is not installed "
+            f"({PTH_NAME} missing or unreadable in the stub's venv): restart the server "
+            "with `python -m setsuna.server`, which writes it"
+        )
