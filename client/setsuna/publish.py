@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from setsuna import seal
 from setsuna.errors import ArtifactError
 
 #: Prefix of every hidden name a publish creates in a repository.
@@ -67,7 +68,9 @@ def publish(
     """Make ``repo/name`` exactly what ``write`` produces, atomically; return that path.
 
     ``write(folder)`` fills an empty folder named ``name`` (inside a hidden
-    box) with the model's whole content. ``check(folder)`` (a manifest
+    box) with the model's whole content (``config.pbtxt`` and its version
+    folders); every version folder is then sealed with the publisher's key
+    (:mod:`setsuna.seal`) and verified. ``check(folder)`` (a manifest
     verification, say) runs on it once it is on disk and before anything live
     is touched; if ``write`` or ``check`` raises, the box is removed and
     ``repo/name`` is as it was. ``on_wait`` is told once when another process
@@ -87,6 +90,9 @@ def publish(
         staged.mkdir(parents=True)
         try:
             write(staged)
+            # Signed before it goes live, verified as the server will verify it.
+            for version in seal.seal_model(staged):
+                seal.verify_version(version.parent)
             sync_tree(box)
             if check is not None:
                 check(staged)
