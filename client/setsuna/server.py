@@ -58,6 +58,7 @@ from tritonclient.utils import InferenceServerException
 
 from setsuna import seal, stub_guard
 from setsuna.errors import ConfigError, ServerError, SetsunaError
+from setsuna.watchdog import ModelWatchdog
 
 MiB: Final = 1 << 20
 
@@ -274,12 +275,19 @@ class ServerSettings:
                 "(gRPC metadata keys must be lowercase)"
             )
 
-    def flags(self, *, token: str | None = None, max_input_size_flag: bool = True) -> list[str]:
+    def flags(
+        self,
+        *,
+        token: str | None = None,
+        max_input_size_flag: bool = True,
+        skip_models: frozenset[str] = frozenset(),
+    ) -> list[str]:
         """Server flags without the binary or any local path (see :meth:`local_flags`).
 
         ``token`` defaults to :func:`admin_token`; a compose file passes
         ``"${SETSUNA_ADMIN_TOKEN}"`` so the secret stays out of the file.
-        ``max_input_size_flag=False`` leaves out ``--http-max-input-size``,
+        ``skip_models`` are left out of ``--load-model`` (their config does not
+        parse). ``max_input_size_flag=False`` leaves out ``--http-max-input-size``,
         which newer Triton releases take but the wheel's 2.51 rejects as unknown
         (:class:`LocalTriton` probes ``--help`` and sizes the stack instead).
         """
@@ -301,7 +309,7 @@ class ServerSettings:
         )
         out = [
             "--model-control-mode=explicit",
-            *(f"--load-model={name}" for name in self.models),
+            *(f"--load-model={name}" for name in self.models if name not in skip_models),
             # One model failing to load must not take the others down: the server
             # stays up and ready, and each model's own readiness says which failed.
             "--strict-readiness=false",
@@ -649,7 +657,11 @@ def _port_in_use(address: str, port: int) -> bool:
 class LocalTriton:
     """The wheel's ``tritonserver`` as a child process, ready or an error.
 
-    ``start()`` returns once ``/v2/health/ready`` says yes and every model in
+    ``watchdog=True`` (the default) runs a :class:`~setsuna.watchdog.ModelWatchdog`
+    beside it: a model whose stub process died is reloaded, or unloaded and
+    reported, never left READY while every request fails.
+
+    ``start()`` returns once gRPC readiness says yes and every model in
     :attr:`ServerSettings.models` has finished loading. A model that failed
     does not stop the server (``--exit-on-error=false``): it lands in
     :attr:`unavailable` with Triton's reason, the others serve, and
@@ -668,6 +680,7 @@ class LocalTriton:
         log_path: Path | None = None,
         token: str | None = None,
         require_all_models: bool = True,
+        watchdog: bool = True,
     ) -> None:
         if not ready_timeout_s > 0:
             raise ConfigError(f"ready_timeout_s={ready_timeout_s}: give a positive number")
@@ -683,6 +696,9 @@ class LocalTriton:
         self.unavailable: dict[str, str] = {}
         #: Shared-memory regions of crashed servers removed at the last start.
         self.shm_removed: list[str] = []
+        self._watchdog_enabled = watchdog
+        #: Reloads models whose stub died (setsuna.watchdog); None when off or stopped.
+        self.watchdog: ModelWatchdog | None = None
 
     # -- addresses ------------------------------------------------------------------------
 
@@ -766,6 +782,7 @@ class LocalTriton:
                     f"{name} port {port} on {s.bind_address} is in use (another Triton?): "
                     f"stop it or choose another --{name}-port"
                 )
+        broken = self._broken_configs()
         install = locate_install()
         backend_dir = prepare_backend_directory(install)
         env = self._environment(install)
@@ -774,7 +791,11 @@ class LocalTriton:
             str(install.binary),
             *s.local_flags(backend_directory=backend_dir, cache_directory=install.caches),
             # The key itself reaches the server through the argv shim (see _environment).
-            *s.flags(token=TOKEN_PLACEHOLDER, max_input_size_flag=knows_max_input),
+            *s.flags(
+                token=TOKEN_PLACEHOLDER,
+                max_input_size_flag=knows_max_input,
+                skip_models=frozenset(broken),
+            ),
         ]
         self.shm_removed = clean_stale_shm()
         if self._log_path is None:
@@ -803,7 +824,7 @@ class LocalTriton:
         atexit.register(self.stop)
         try:
             self._wait_ready(began)
-            self.unavailable = self._failed_models()
+            self.unavailable = {**self._failed_models(), **broken}
             if self.unavailable and self.require_all_models:
                 reasons = "; ".join(f"{m}: {r}" for m, r in self.unavailable.items())
                 raise ServerError(
@@ -811,11 +832,28 @@ class LocalTriton:
                     f"(make build-engines), or start without them; log {self._log_path}, "
                     f"last lines:\n{self.log_tail()}"
                 )
+            if self._watchdog_enabled:
+                self.watchdog = ModelWatchdog(self).start()
         except BaseException:
             self.stop()
             raise
         self.startup_s = time.monotonic() - began
         return self
+
+    def _broken_configs(self) -> dict[str, str]:
+        """Models to load whose ``config.pbtxt`` does not parse, with a reason that says why.
+
+        Triton's own message for a garbled config is one line of protobuf
+        parser output without the file's name; these are named, with line and
+        column, and never handed to Triton.
+        """
+        from setsuna.model_config import check_repository
+
+        try:
+            bad = check_repository(self.settings.model_repository)
+        except ConfigError as exc:
+            raise ServerError(str(exc)) from exc
+        return {m: reason for m, reason in bad.items() if m in self.settings.models}
 
     def _environment(self, install: TritonInstall) -> dict[str, str]:
         """The server's environment: the stub's needs, the key for the argv shim, nothing more.
@@ -930,6 +968,9 @@ class LocalTriton:
 
     def stop(self) -> None:
         """SIGTERM the process group, wait, then SIGKILL. Safe to call twice."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
         proc, self._proc = self._proc, None
         if proc is None:
             return

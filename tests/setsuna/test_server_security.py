@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -320,3 +321,35 @@ def _is_triton(pid: int) -> bool:
         return Path(f"/proc/{pid}/exe").resolve().name == "tritonserver"
     except OSError:
         return False
+
+
+def test_a_killed_stub_is_reloaded_by_the_servers_watchdog(server: LocalTriton) -> None:
+    """LocalTriton runs the watchdog by default: a dead stub is not READY-but-failing for long."""
+    assert server.watchdog is not None and server.pid is not None
+    (stub,) = _children(server.pid)
+    os.kill(stub, signal.SIGKILL)
+    x = np.ones((1, 4), np.float32)
+
+    def answers() -> bool:
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            inp = grpcclient.InferInput("features", [1, 4], "FP32")
+            inp.set_data_from_numpy(x)
+            try:
+                return bool(
+                    (c.infer("echo", [inp], client_timeout=2.0).as_numpy("score") == x).all()
+                )
+            except InferenceServerException:
+                return False
+
+    _wait(answers, 60, "the echo model to answer again")
+    assert server.watchdog.restarts.get("echo", 0) >= 1
+
+
+def test_a_garbled_config_is_named_not_loaded(tmp_path: Path) -> None:
+    python_model(tmp_path, "fine")
+    python_model(tmp_path, "garbled")
+    (tmp_path / "garbled" / "config.pbtxt").write_text('name: "garbled"\nbackend: "python"\n}}{{\n')
+    with LocalTriton(_settings(tmp_path), require_all_models=False, watchdog=False) as srv:
+        assert set(srv.unavailable) == {"garbled"}
+        assert "garbled/config.pbtxt:3" in srv.unavailable["garbled"]
+        assert "--load-model=garbled" not in srv.command

@@ -107,7 +107,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
     (repo / "pair" / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=repo.parent / "triton.log") as srv:
+    with LocalTriton(settings, log_path=repo.parent / "triton.log", watchdog=False) as srv:
         yield srv
 
 
