@@ -85,7 +85,8 @@ def dead(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dead]:
     root = tmp_path_factory.mktemp("dead_model")
     rng = np.random.default_rng(3)
     w = (rng.normal(size=len(SPEC)) * 0.01).astype(np.float32)
-    repo = build_logistic_models(root, {MODEL: w}, rng.normal(size=(300, len(SPEC))))
+    x = rng.normal(size=(300, len(SPEC))).astype(np.float32)
+    repo = build_logistic_models(root, {MODEL: w}, x)
     frame = datasets.eurusd().iloc[:400]
     bars_csv = root / "eurusd.csv"
     frame.to_csv(bars_csv, index=False)
@@ -130,7 +131,9 @@ def test_the_pipeline_stops_after_consecutive_deadlines(dead: Dead) -> None:
         summary = _pipeline(dead, c, settings).run(dead.records)
     assert summary.stopped is not None, "a run that skipped every request did not stop"
     assert "5 requests in a row failed" in summary.stopped
-    assert summary.skipped["deadline"] == 5 and summary.requests == 0
+    # Mostly deadlines; a request queued behind the dead instances may be refused instead.
+    failed = summary.skipped.get("deadline", 0) + summary.skipped.get("overloaded", 0)
+    assert failed == 5 and summary.requests == 0
 
 
 def test_replay_exits_non_zero_and_says_why_on_stderr(
