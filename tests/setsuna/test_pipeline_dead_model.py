@@ -5,7 +5,9 @@ Triton 2.51 keeps the model READY and answers every request after 1.00 s
 with gRPC ``INTERNAL`` "Stub process '<model>_0_<n>' is not healthy."
 (measured here); a replay against it skipped every event as "deadline" and
 exited 0. Here a logistic model (built by ``tests.helpers``) is served over
-gRPC, its stubs are killed once for the module, and then: the client raises
+gRPC with LocalTriton's stub watchdog off (it would reload the model: that is
+the server's half of the fix), its stubs are killed once for the module, and
+then: the client raises
 :class:`ModelNotReadyError` saying what to do, the pipeline stops at that
 error or after ``max_consecutive_failed_requests`` deadlines, and ``setsuna
 replay`` exits non-zero with the reason on stderr.
@@ -93,7 +95,9 @@ def dead(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dead]:
     feed = ReplayFeed.from_frame(frame)
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as server:
+    # Without LocalTriton's stub watchdog: the model stays dead and READY, as Triton
+    # alone leaves it (and as it is between a death and a reload that may fail).
+    with LocalTriton(settings, log_path=root / "triton.log", watchdog=False) as server:
         with Client(server.grpc_url) as client:  # alive before the kill
             client.infer(MODEL, np.zeros((1, len(SPEC)), np.float32))
         assert server.pid is not None
