@@ -29,25 +29,23 @@ from __future__ import annotations
 
 import hashlib
 import math
-import string
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from ensembles.watch import read_json
+from ensembles import names
+from ensembles.keys import KeyCache
+from ensembles.watch import decode_json, read_bytes
 from setsuna.errors import ConfigError
 
 FORMAT: Final = 1
 #: Assignment granularity: weights are honoured to 1 / BUCKETS (0.01 %).
 BUCKETS: Final = 10_000
 _WEIGHT_TOLERANCE: Final = 1e-6
-#: Keys whose arm is remembered (per experiment version) before the memo is reset.
-_CACHE_KEYS: Final = 100_000
-_MODEL_NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "_-.")
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,6 @@ class Experiment:
     version: int
     weights: Mapping[str, float]
     table: npt.NDArray[np.int16]  # bucket -> arm index
-    _cache: dict[str | bytes, int] = field(default_factory=dict, compare=False, repr=False)
 
     def arm_index(self, arm: str) -> int:
         try:
@@ -91,17 +88,27 @@ class Experiment:
         digest = hashlib.blake2b(self.salt.encode() + b"\x00" + raw, digest_size=8).digest()
         return int.from_bytes(digest, "little") % BUCKETS
 
-    def assign(self, keys: Iterable[str | bytes]) -> npt.NDArray[np.int16]:
-        """Arm index of each key (each distinct key hashed once per experiment version)."""
+    def assign(
+        self, keys: Iterable[str | bytes], cache: KeyCache | None = None
+    ) -> npt.NDArray[np.int16]:
+        """Arm index of each key; with ``cache``, each distinct key is hashed once while it fits.
+
+        The cache is bound to this experiment: given one last used with
+        another, it starts empty.
+        """
         keys = list(keys)
-        cache = self._cache
-        if len(cache) > _CACHE_KEYS:  # bounded: a stream of one-off keys cannot grow it
-            cache.clear()
         out = np.empty(len(keys), dtype=np.int16)
+        if cache is None:
+            for i, k in enumerate(keys):
+                out[i] = self.table[self.bucket(k)]
+            return out
+        cache.bind(self)
         for i, k in enumerate(keys):
-            a = cache.get(k)
+            raw = k.encode() if isinstance(k, str) else k
+            a = cache.get(raw)
             if a is None:
-                a = cache[k] = int(self.table[self.bucket(k)])
+                a = int(self.table[self.bucket(raw)])
+                cache.put(raw, a)
             out[i] = a
         return out
 
@@ -146,9 +153,7 @@ def next_table(
 def _target(name: str, raw: Any, what: str) -> Target:
     if not isinstance(raw, Mapping) or set(raw) - {"model", "version"}:
         raise ConfigError(f"{what}: give {{'model': NAME, 'version': N}}, got {raw!r}")
-    model, version = raw.get("model"), raw.get("version")
-    if not isinstance(model, str) or not model or set(model) - _MODEL_NAME_CHARS:
-        raise ConfigError(f"{what}: model {model!r} is not a Triton model name")
+    model, version = names.model_name(raw.get("model"), what), raw.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ConfigError(
             f"{what}: version {version!r} must be an integer >= 1 (arms pin the version "
@@ -213,6 +218,17 @@ def parse(doc: Any, *, origin: str = "experiment") -> Experiment:
     return Experiment(name, salt, arms, targets, shadow, last, weights, table)
 
 
+def loads(data: bytes, origin: str) -> Experiment:
+    """Validate the bytes of an experiment file read from ``origin`` (named in errors)."""
+    return parse(decode_json(data, origin, "experiment"), origin=origin)
+
+
 def load(path: Path) -> Experiment:
     """Read and validate ``path``; ConfigError names the file and the fault."""
-    return parse(read_json(path, "experiment"), origin=str(path))
+    return loads(read_bytes(path), str(path))
+
+
+def callees(exp: Experiment) -> list[tuple[str, Target]]:
+    """Every model the experiment sends rows to, with its role: the arms, then the shadow."""
+    out = [(f"arm {a!r}", t) for a, t in zip(exp.arms, exp.targets, strict=True)]
+    return out + ([("shadow", exp.shadow)] if exp.shadow is not None else [])

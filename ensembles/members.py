@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ensembles.experiment import Target, _target
-from ensembles.watch import read_json
+from ensembles.watch import decode_json, read_bytes
 from setsuna.errors import ConfigError
 
 FORMAT: Final = 1
@@ -94,5 +94,10 @@ def parse(doc: Any, *, origin: str = "members") -> Members:
     return Members(method, tuple(targets), tuple(weights), float(bias))
 
 
+def loads(data: bytes, origin: str) -> Members:
+    """Validate the bytes of a member file read from ``origin`` (named in errors)."""
+    return parse(decode_json(data, origin, "member"), origin=origin)
+
+
 def load(path: Path) -> Members:
-    return parse(read_json(path, "member"), origin=str(path))
+    return loads(read_bytes(path), str(path))

@@ -10,6 +10,11 @@ thresholds in each version folder (a new threshold is a new version).
 
 ``decision`` is a Triton ``ensemble``: router -> signal, one round trip from
 features to a decision.
+
+A file naming a model that is not an engine is refused here already
+(:mod:`ensembles.cycles`: the models it names must be written first), and
+the limits of :class:`ensembles.limits.Limits` go into each BLS model's
+parameters.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.repository import CONFIG_NAME, parse_config
-from ensembles import experiment, members, selection, signal
+from ensembles import cycles, experiment, members, selection, signal
+from ensembles.limits import Limits
 from setsuna.errors import ConfigError
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
@@ -74,6 +80,11 @@ def _io(name: str, dtype: int, dims: list[int], *, optional: bool = False) -> di
     }
 
 
+def _limits(cfg: mc.ModelConfig, limits: Limits | None) -> None:
+    for k, v in (limits or Limits()).parameters().items():
+        cfg.parameters[k].string_value = v
+
+
 def _write(repo: Path, cfg: mc.ModelConfig, versions: dict[int, str] | None) -> Path:
     text = text_format.MessageToString(cfg)
     parse_config(text)
@@ -96,6 +107,7 @@ def write_router(
     shadow_log: Path | None = None,
     in_process: bool = False,
     thresholds: signal.Thresholds | None = None,
+    limits: Limits | None = None,
 ) -> Path:
     """The router, with a validated copy of ``experiment_file`` beside it.
 
@@ -105,6 +117,7 @@ def write_router(
     decision (``decide``): with ``in_process``, one hop from features to trade.
     """
     exp = experiment.load(experiment_file)  # refuse a bad file at build time
+    cycles.check(repo, name, experiment.callees(exp), str(experiment_file))
     if in_process:
         missing = [t.label for t in exp.targets if not (repo / t.model / str(t.version)).is_dir()]
         if missing:
@@ -120,12 +133,14 @@ def write_router(
     cfg.output.append(mc.ModelOutput(name="arm", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.output.append(mc.ModelOutput(name="model", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.output.append(mc.ModelOutput(name="experiment_version", data_type=mc.TYPE_INT32, dims=[1]))
+    cfg.output.append(mc.ModelOutput(name="instance", data_type=mc.TYPE_STRING, dims=[1]))
     if thresholds is not None:
         cfg.output.append(mc.ModelOutput(name="signal", data_type=mc.TYPE_INT8, dims=[1]))
         cfg.output.append(mc.ModelOutput(name="confidence", data_type=mc.TYPE_FP32, dims=[1]))
         cfg.output.append(mc.ModelOutput(name="policy", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.parameters["experiment_file"].string_value = EXPERIMENT_FILE
     cfg.parameters["in_process"].string_value = "true" if in_process else "false"
+    _limits(cfg, limits)
     if shadow_log is not None:
         cfg.parameters["shadow_log"].string_value = str(shadow_log)
     folder = _write(repo, cfg, {1: "decide" if in_process else "router"})
@@ -165,14 +180,17 @@ def write_combiner(
     *,
     name: str = "combiner",
     serving: Serving = Serving(),
+    limits: Limits | None = None,
 ) -> Path:
-    members.load(members_file)
+    spec = members.load(members_file)
+    cycles.check(repo, name, (("member", t) for t in spec.targets), str(members_file))
     cfg = mc.ModelConfig(name=name, backend="python")
     serving.apply(cfg)
     cfg.input.append(mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[n_features]))
     cfg.output.append(mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[1]))
     cfg.output.append(mc.ModelOutput(name="models", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.parameters["members_file"].string_value = MEMBERS_FILE
+    _limits(cfg, limits)
     folder = _write(repo, cfg, {1: "combiner"})
     shutil.copyfile(members_file, folder / MEMBERS_FILE)
     return folder
@@ -225,12 +243,14 @@ def write_selector(
     outcomes_db: Path | None = None,
     refresh_s: float = 1.0,
     serving: Serving = Serving(),
+    limits: Limits | None = None,
 ) -> Path:
     """The selector over the family in ``selector_file`` (copied beside it).
 
     ``refresh_s``: how often it re-reads the outcomes database (0: every execute).
     """
-    selection.load(selector_file)
+    spec = selection.load(selector_file)
+    cycles.check(repo, name, (("variant", v.target) for v in spec.variants), str(selector_file))
     cfg = mc.ModelConfig(name=name, backend="python")
     serving.apply(cfg)
     cfg.input.append(mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[n_features]))
@@ -240,6 +260,7 @@ def write_selector(
     if outcomes_db is not None:
         cfg.parameters["outcomes_db"].string_value = str(outcomes_db)
     cfg.parameters["refresh_s"].string_value = repr(refresh_s)
+    _limits(cfg, limits)
     folder = _write(repo, cfg, {1: "selector"})
     shutil.copyfile(selector_file, folder / SELECTOR_FILE)
     return folder

@@ -35,7 +35,7 @@ from typing import Any, Final
 import numpy as np
 
 from ensembles.experiment import Target, _target
-from ensembles.watch import read_json
+from ensembles.watch import decode_json, read_bytes
 from setsuna.errors import ConfigError
 
 FORMAT: Final = 1
@@ -103,8 +103,13 @@ def parse(doc: Any, *, origin: str = "selector") -> SelectorSpec:
     )
 
 
+def loads(data: bytes, origin: str) -> SelectorSpec:
+    """Validate the bytes of a selector file read from ``origin`` (named in errors)."""
+    return parse(decode_json(data, origin, "selector"), origin=origin)
+
+
 def load(path: Path) -> SelectorSpec:
-    return parse(read_json(path, "selector"), origin=str(path))
+    return loads(read_bytes(path), str(path))
 
 
 class Latency:

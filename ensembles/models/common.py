@@ -7,11 +7,13 @@ weights) lives in plain modules of :mod:`ensembles` and is tested without Triton
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from ensembles.experiment import Target
+from ensembles.limits import Limits, Overdue, call_timeout
 from setsuna.errors import InputError, SetsunaError
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
@@ -122,18 +125,104 @@ def failure(message: str) -> Any:
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
 
 
-def bls_request(target: Target, x: F32) -> Any:
-    """One downstream request for a whole batch of rows, pinned to the target's version."""
+def bls_request(target: Target, x: F32, timeout_us: int = 0) -> Any:
+    """One downstream request for a whole batch of rows, pinned to the target's version.
+
+    ``timeout_us`` rides along as the request's Triton timeout (0: none): a
+    downstream dynamic batcher whose queue policy allows the override drops
+    the request once it is stale.
+    """
     return pb_utils.InferenceRequest(
         model_name=target.model,
         model_version=target.version,
         requested_output_names=[OUTPUT_NAME],
         inputs=[pb_utils.Tensor(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))],
+        timeout=timeout_us,
     )
 
 
+Timeout = tuple[float, str]  # seconds, and where the figure comes from
+
+
+def timeout_of(requests: Sequence[Any], limits: Limits) -> Timeout:
+    """How long a downstream call for these requests may take (see ``limits.call_timeout``)."""
+    return call_timeout((int(r.timeout()) for r in requests), limits.bls_timeout_ms)
+
+
+class Downstream:
+    """Every BLS call of one model instance: each one timed out, overdue ones bounded.
+
+    A call runs ``InferenceRequest.exec`` in this pool's threads, as the
+    stub's ``async_exec`` does in the event loop's default pool, and the
+    caller waits at most the timeout. The Python backend cannot take a call
+    back, so a call past its time keeps its thread until the answer comes and
+    counts as overdue meanwhile; with ``max_overdue_calls`` of them a model
+    gets no more calls until one returns (they fail at once), so a model that
+    never answers holds a few threads, not all of them.
+    """
+
+    def __init__(self, model: str, limits: Limits, workers: int = 32) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{model}-bls")
+        self.overdue = Overdue(limits.max_overdue_calls)
+
+    def _submit(self, target: Target, x: F32, timeout: Timeout) -> Future[Any]:
+        label = target.label
+        n = self.overdue.count(label)
+        if n >= self.overdue.limit:
+            raise DownstreamError(
+                f"{label} has {n} calls unanswered past their timeout; not calling it until "
+                f"one returns (max_overdue_calls={self.overdue.limit}): it is stuck, fix it"
+            )
+        request = bls_request(target, x, max(1, int(timeout[0] * 1e6)))
+        return self._pool.submit(request.exec)
+
+    def _gave_up(self, target: Target, future: Future[Any], timeout: Timeout) -> DownstreamError:
+        label = target.label
+        if not future.cancel():  # running: its thread waits on for the answer
+            self.overdue.add(label)
+            future.add_done_callback(lambda _: self.overdue.done(label))
+        return DownstreamError(
+            f"{label} did not answer within {timeout[0] * 1e3:g} ms ({timeout[1]}): timed out; "
+            "the call was abandoned. Raise the timeout, or find why that model is slow or stuck"
+        )
+
+    async def call(self, target: Target, x: F32, timeout: Timeout) -> Any:
+        """The response, or DownstreamError when it does not come within ``timeout``."""
+        future = self._submit(target, x, timeout)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout[0])
+        except TimeoutError:
+            raise self._gave_up(target, future, timeout) from None
+        except SetsunaError:
+            raise
+        except Exception as exc:  # exec itself failed (e.g. the stub is shutting down)
+            raise DownstreamError(f"{target.label} failed: {exc}") from exc
+
+    def call_sync(self, target: Target, x: F32, timeout: Timeout) -> Any:
+        """:meth:`call` for synchronous code (``decide``, probe threads)."""
+        future = self._submit(target, x, timeout)
+        try:
+            return future.result(timeout[0])
+        except TimeoutError:
+            raise self._gave_up(target, future, timeout) from None
+        except Exception as exc:
+            raise DownstreamError(f"{target.label} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Stop taking calls; overdue ones are left to finish on their own."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def bls_score(response: Any, target: Target, rows: int) -> F32:
-    """The ``score`` of a BLS response, or DownstreamError naming the model and version."""
+    """The ``score`` of a BLS response, or DownstreamError naming the model and version.
+
+    ``response`` may be the exception a call ended with (``gather(...,
+    return_exceptions=True)``): it is raised as a DownstreamError.
+    """
+    if isinstance(response, DownstreamError):
+        raise response
+    if isinstance(response, BaseException):
+        raise DownstreamError(f"{target.label} failed: {response}")
     if response.has_error():
         raise DownstreamError(f"{target.label} failed: {response.error().message()}")
     out = pb_utils.get_output_tensor_by_name(response, OUTPUT_NAME)

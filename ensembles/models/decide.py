@@ -5,8 +5,9 @@ signal when the version folder holds ``thresholds.json``), but the arms run
 in this process from their verified version folders and ``execute`` is plain
 synchronous code: one hop from features to a decision, no BLS round trip and
 no event loop per request. A shadow model, if the experiment names one, is
-still called through BLS (synchronously, after the arms: its time is added
-to the answer's; the router proper overlaps it instead).
+still called through BLS (synchronously, after the arms, timed out like any
+downstream call: its time is added to the answer's; the router proper
+overlaps it instead).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class TritonPythonModel(RouterBase):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
         if self.arms is None:
+            self.finalize()
             raise ConfigError(f"{self.name}: decide runs its arms in process: set in_process")
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -29,7 +31,10 @@ class TritonPythonModel(RouterBase):
         if not b.kept:
             return b.responses
         self.score_in_process(b)
-        shadow = None
+        shadow: Any = None
         if b.exp.shadow is not None:
-            shadow = common.bls_request(b.exp.shadow, b.x).exec()
+            try:
+                shadow = self.calls.call_sync(b.exp.shadow, b.x, b.timeout)
+            except common.DownstreamError as exc:  # recorded as the shadow's error
+                shadow = exc.with_traceback(None)  # kept in a local: no frame cycle
         return self._finish(b, requests, shadow)

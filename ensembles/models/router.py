@@ -9,19 +9,28 @@ BLS). The shadow's answer is written to the shadow log and counted, never
 returned; an arm's error fails exactly the requests with rows on that arm.
 
 Outputs per row: ``score``, ``arm``, ``model`` (``name:version`` that
-produced the score) and ``experiment_version``. The experiment file is
-re-read when it changes; a bad file keeps the previous one serving, logged
-and counted (``setsuna_router_reload_failures_total``).
+produced the score) and ``experiment_version``; ``instance`` (the Triton
+instance that answered) only when asked for by name. The experiment file is
+watched by every instance (:mod:`ensembles.watch`: a background poll, a
+last valid copy shared by the instances); a bad file keeps the previous one
+serving, logged and counted (``setsuna_router_reload_failures_total``). A
+file is bad when it does not validate, when it names a model that is not an
+engine (:mod:`ensembles.cycles`), or (``decide``) when an arm cannot load.
+
+Every downstream call is timed out (:mod:`ensembles.limits`); keys are
+bounded in length and their memo in bytes (:mod:`ensembles.keys`).
 
 Config parameters: ``experiment_file`` (required; absolute or relative to
 the model folder), ``shadow_log`` (JSON lines; default: no log, counts
-only), ``allow_nan`` (default false).
+only), ``allow_nan`` (default false), ``in_process`` (default false), and
+the limits of :class:`ensembles.limits.Limits`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +40,16 @@ import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
-from ensembles import experiment, signal
+from ensembles import cycles, experiment, keys, names, signal
+from ensembles.limits import Limits
 from ensembles.models import common
-from ensembles.watch import Watched
+from ensembles.watch import Change, Poller, Watched, shared_copy
 from setsuna import manifest, runtime
 from setsuna.errors import ConfigError, InputError, SetsunaError
 from setsuna.schema import OUTPUT_NAME
 
 KEY_INPUT = "key"
+INSTANCE_OUTPUT = "instance"
 I16 = npt.NDArray[np.int16]
 
 
@@ -59,7 +70,7 @@ class InProcessArms:
         for t in targets:
             if t.label in self.engines or t.label in fresh:
                 continue
-            folder = self.repo / t.model / str(t.version)
+            folder = names.inside(self.repo, t.model, str(t.version))  # never outside the repo
             m = manifest.verify(folder)
             fresh[t.label] = runtime.load(m.engine, folder, m.engine_params)
         self.engines.update(fresh)
@@ -82,6 +93,7 @@ class Batch:
     rows_of: dict[int, Any] = field(default_factory=dict)
     score: Any = None
     failed: dict[int, str] = field(default_factory=dict)
+    timeout: common.Timeout = (1.0, "bls_timeout_ms")
 
 
 class RouterBase:
@@ -89,12 +101,15 @@ class RouterBase:
 
     def initialize(self, args: dict[str, Any]) -> None:
         self.name = args["model_name"]
+        self.instance = str(args.get("model_instance_name", self.name))
         params = common.model_parameters(args)
         if not params.get("experiment_file"):
             raise ConfigError(f"{self.name}: config parameter 'experiment_file' is required")
-        self.watch = Watched(common.config_path(args, params["experiment_file"]), experiment.load)
+        self.limits = Limits.from_parameters(params, self.name)
+        self.keys = keys.KeyCache(self.limits.max_key_cache_bytes)
         self.allow_nan = params.get("allow_nan", "false").lower() == "true"
         folder = Path(args["model_repository"]) / args["model_version"]
+        self.repo = Path(args["model_repository"]).parent
         self.label = f"{self.name}:{args['model_version']}"
         thresholds = folder / signal.THRESHOLDS_FILE
         self.thresholds = signal.load_thresholds(thresholds) if thresholds.is_file() else None
@@ -102,8 +117,11 @@ class RouterBase:
         # folders in the same repository: one hop instead of a BLS round trip each.
         self.arms: InProcessArms | None = None
         if params.get("in_process", "false").lower() == "true":
-            self.arms = InProcessArms(Path(args["model_repository"]).parent)
-            self.arms.prepare(self.watch.current.targets)
+            self.arms = InProcessArms(self.repo)
+        path = common.config_path(args, params["experiment_file"])
+        self.watch = Watched(path, self._loads, shared=shared_copy(path, self.name))
+        self._poll_lock = threading.Lock()
+        self.calls = common.Downstream(self.name, self.limits)
         log = params.get("shadow_log", "")
         self.shadow_log: TextIO | None = None
         if log:
@@ -123,20 +141,52 @@ class RouterBase:
         )
         self._version = pb_utils.MetricFamily(
             name="setsuna_router_experiment_version",
-            description="Experiment version in force",
+            description="Experiment version in force, per instance",
             kind=pb_utils.MetricFamily.GAUGE,
         )
         # Families must outlive their metrics (the stub deletes a family's metrics with it).
         self._failure_family = pb_utils.MetricFamily(
             name="setsuna_router_reload_failures_total",
-            description="Experiment files refused at reload (the previous one kept serving)",
+            description="Experiment files refused at reload, per instance (each one refuses "
+            "it; the previous one kept serving)",
             kind=pb_utils.MetricFamily.COUNTER,
         )
-        self._failures = self._failure_family.Metric(labels={"router": self.name})
+        mine = {"router": self.name, "instance": self.instance}
+        self._failures = self._failure_family.Metric(labels=mine)
+        self._cache_family = pb_utils.MetricFamily(
+            name="setsuna_router_key_cache_bytes",
+            description="Bytes held by the key -> arm memo, per instance (never above "
+            "max_key_cache_bytes): now and at most",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self._clears_family = pb_utils.MetricFamily(
+            name="setsuna_router_key_cache_clears_total",
+            description="Times the key -> arm memo was full and dropped, per instance",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._cache_now = self._cache_family.Metric(labels={**mine, "stat": "now"})
+        self._cache_peak = self._cache_family.Metric(labels={**mine, "stat": "peak"})
+        self._clears = self._clears_family.Metric(labels=mine)
+        self._published = (0, 0, 0)
         self._metrics: dict[tuple[str, ...], Any] = {}
         self._row_counts = common.Counters(self._rows, {"router": self.name})
         self._shadow_counts = common.Counters(self._shadow, {"router": self.name})
         self._took_effect()
+        self._poll()  # a note from the first load, if any
+        self._poller = Poller(
+            self._tick,
+            self.limits.watch_interval_ms / 1e3,
+            lambda exc: self.logger.log_error(f"{self.name}: watching failed: {exc}"),
+            name=f"{self.name}-watch",
+        )
+
+    def _loads(self, data: bytes, origin: str) -> experiment.Experiment:
+        """An experiment file that can take effect here: valid, calling engines only, loadable."""
+        exp = experiment.loads(data, origin)
+        cycles.check(self.repo, self.name, experiment.callees(exp), origin)
+        if self.arms is not None:
+            self.arms.prepare(exp.targets)
+        return exp
 
     def _metric(self, family: Any, **labels: str) -> Any:
         key = (str(id(family)), *(f"{k}={v}" for k, v in sorted(labels.items())))
@@ -147,36 +197,53 @@ class RouterBase:
 
     def _took_effect(self) -> None:
         exp = self.watch.current
-        self._metric(self._version, experiment=exp.name).set(exp.version)
-        self.logger.log_info(f"{self.name}: {exp.describe()}")
+        self._metric(self._version, experiment=exp.name, instance=self.instance).set(exp.version)
+        self.logger.log_info(f"{self.name} ({self.instance}): {exp.describe()}")
 
     def _poll(self) -> None:
-        if self.watch.poll():
-            if self.arms is not None:
-                try:
-                    self.arms.prepare(self.watch.current.targets)
-                except SetsunaError as exc:  # an arm that cannot load: keep the old file
-                    self.watch.rollback(f"{exc} (still serving the previous file)")
-            if not self.watch.last_error:
+        """Look at the experiment file (both the execute and the watcher thread call this)."""
+        with self._poll_lock:  # one thread at a time reports and publishes a change
+            self._report(self.watch.poll())
+
+    def _report(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change.refused:
+                self._failures.increment(1)
+                self.logger.log_error(f"{self.name} ({self.instance}): {change.refused}")
+            if change.note:
+                self.logger.log_warn(f"{self.name} ({self.instance}): {change.note}")
+            if change.took_effect:
                 self._took_effect()
-        if self.watch.last_error:
-            self._failures.increment(1)
-            self.logger.log_error(f"{self.name}: {self.watch.last_error}")
-            self.watch.last_error = ""
+
+    def _tick(self) -> None:
+        """The watcher thread: the file, then the key memo's figures when they moved."""
+        self._poll()
+        k = self.keys
+        now = (k.bytes, k.peak, k.clears)
+        if now != self._published:
+            self._cache_now.set(now[0])
+            self._cache_peak.set(now[1])
+            if now[2] > self._published[2]:
+                self._clears.increment(now[2] - self._published[2])
+            self._published = now
 
     def _arms(self, exp: experiment.Experiment, request: Any, rows: int) -> I16:
         params = common.request_parameters(request)
         forced = params.get("arm")
         if forced is not None:
             return np.full(rows, exp.arm_index(str(forced)), dtype=np.int16)
+        limit = self.limits.max_key_bytes
         key_tensor = pb_utils.get_input_tensor_by_name(request, KEY_INPUT)
         if key_tensor is not None:
-            keys = key_tensor.as_numpy().reshape(-1)
-            if len(keys) != rows:
-                raise InputError(f"input '{KEY_INPUT}' has {len(keys)} rows for {rows} features")
-            return exp.assign(keys.tolist())
+            given = key_tensor.as_numpy().reshape(-1).tolist()
+            if len(given) != rows:
+                raise InputError(f"input '{KEY_INPUT}' has {len(given)} rows for {rows} features")
+            keys.check_lengths(given, limit, f"input '{KEY_INPUT}'")
+            return exp.assign(given, self.keys)
         if "key" in params:
-            return np.full(rows, exp.assign([str(params["key"])])[0], dtype=np.int16)
+            key = str(params["key"]).encode()
+            keys.check_lengths([key], limit, "request parameter 'key'")
+            return np.full(rows, exp.assign([key], self.keys)[0], dtype=np.int16)
         raise InputError(
             f"no sticky key: send input '{KEY_INPUT}' (one per row) or the request parameter "
             "'key' (a symbol or account), or force an arm with the request parameter 'arm'"
@@ -193,8 +260,11 @@ class RouterBase:
                 x = common.features(r, allow_nan=self.allow_nan)
                 assigned = self._arms(exp, r, len(x))
             except (SetsunaError, ValueError) as exc:
-                err = exc if isinstance(exc, SetsunaError) else InputError(str(exc))
-                b.responses[i] = common.refusal(self.name, err)
+                # No local may keep `exc`: its traceback holds this frame, and the cycle
+                # would keep the refused request's tensors alive until a GC pass.
+                b.responses[i] = common.refusal(
+                    self.name, exc if isinstance(exc, SetsunaError) else InputError(str(exc))
+                )
                 continue
             b.kept.append(i)
             xs.append(x)
@@ -208,6 +278,7 @@ class RouterBase:
         b.used = [lo] if lo == hi else [int(a) for a in np.unique(b.arm)]
         b.rows_of = {a: np.flatnonzero(b.arm == a) for a in b.used}
         b.score = np.empty((len(b.x), 1), dtype=np.float32)
+        b.timeout = common.timeout_of([requests[i] for i in b.kept], self.limits)
         return b
 
     def score_in_process(self, b: Batch) -> None:
@@ -263,9 +334,11 @@ class RouterBase:
             # Only what the caller asked for: each output tensor costs a shared-memory
             # allocation and copy in the Python backend (a string one, serialisation too).
             wanted = requests[i].requested_output_names() or outputs
-            b.responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(k, outputs[k][sl]) for k in wanted if k in outputs]
-            )
+            tensors = [pb_utils.Tensor(k, outputs[k][sl]) for k in wanted if k in outputs]
+            if INSTANCE_OUTPUT in wanted:  # by name only: which instance answered
+                n = sl.stop - sl.start
+                tensors.append(pb_utils.Tensor(INSTANCE_OUTPUT, common.constant(self.instance, n)))
+            b.responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
         return b.responses
 
     def _record_shadow(
@@ -299,6 +372,8 @@ class RouterBase:
             self.shadow_log.write(json.dumps(record) + "\n")
 
     def finalize(self) -> None:
+        self._poller.stop()
+        self.calls.close()
         self._row_counts.flush()
         self._shadow_counts.flush()
         if self.shadow_log is not None:
@@ -315,15 +390,19 @@ class TritonPythonModel(RouterBase):
         exp, x = b.exp, b.x
         shadow = None
         if exp.shadow is not None:  # in flight while the arms run
-            shadow = asyncio.ensure_future(common.bls_request(exp.shadow, x).async_exec())
+            shadow = asyncio.ensure_future(self.calls.call(exp.shadow, x, b.timeout))
         if self.arms is not None:
             self.score_in_process(b)
         else:
-            calls = [
-                common.bls_request(exp.targets[a], x if len(b.used) == 1 else x[b.rows_of[a]])
-                for a in b.used
-            ]
-            answers = await asyncio.gather(*(c.async_exec() for c in calls))
+            answers = await asyncio.gather(
+                *(
+                    self.calls.call(
+                        exp.targets[a], x if len(b.used) == 1 else x[b.rows_of[a]], b.timeout
+                    )
+                    for a in b.used
+                ),
+                return_exceptions=True,
+            )
             for a, answer in zip(b.used, answers, strict=True):
                 try:
                     b.score[b.rows_of[a]] = common.bls_score(
@@ -331,7 +410,10 @@ class TritonPythonModel(RouterBase):
                     )
                 except common.DownstreamError as exc:
                     b.failed[a] = f"{self.name}: arm {exp.arms[a]!r}: {exc}"
-        return self._finish(b, requests, None if shadow is None else await shadow)
+        shadow_answer: Any = None
+        if shadow is not None:
+            (shadow_answer,) = await asyncio.gather(shadow, return_exceptions=True)
+        return self._finish(b, requests, shadow_answer)
 
 
 __all__ = ["RouterBase", "TritonPythonModel"]

@@ -12,22 +12,27 @@ applies the budget with hysteresis. A variant that errors fails its requests
 
 Outputs per row: ``score`` and ``model`` (``name:version`` that produced it).
 Config parameters: ``selector_file`` (required), ``outcomes_db`` (optional),
-``refresh_s`` (default 1), ``allow_nan`` (default false). The selector file is
-re-read when it changes; a bad one keeps the previous one serving.
+``refresh_s`` (default 1), ``allow_nan`` (default false), ``bls_timeout_ms``,
+``watch_interval_ms``, ``max_overdue_calls`` (:mod:`ensembles.limits`; a
+variant that times out has failed). The selector file is watched like the
+router's (:mod:`ensembles.watch`); a bad one, or one naming a model that is
+not an engine (:mod:`ensembles.cycles`), keeps the previous one serving.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from ensembles import selection
+from ensembles import cycles, selection
+from ensembles.limits import Limits
 from ensembles.models import common
 from ensembles.outcomes import Outcomes
-from ensembles.watch import Watched
+from ensembles.watch import Poller, Watched, shared_copy
 from setsuna.errors import ConfigError
 from setsuna.schema import OUTPUT_NAME
 
@@ -38,7 +43,11 @@ class TritonPythonModel:
         params = common.model_parameters(args)
         if not params.get("selector_file"):
             raise ConfigError(f"{self.name}: config parameter 'selector_file' is required")
-        self.watch = Watched(common.config_path(args, params["selector_file"]), selection.load)
+        self.limits = Limits.from_parameters(params, self.name)
+        self.repo = Path(args["model_repository"]).parent
+        path = common.config_path(args, params["selector_file"])
+        self.watch = Watched(path, self._loads, shared=shared_copy(path, self.name))
+        self.calls = common.Downstream(self.name, self.limits)
         db = params.get("outcomes_db", "")
         self.outcomes = Outcomes(common.config_path(args, db)) if db else None
         self.refresh_s = float(params.get("refresh_s", "1"))
@@ -60,8 +69,28 @@ class TritonPythonModel:
             "GAUGE",
         )
         self._reset(self.watch.current)
+        self._poll()
+        self._poller = Poller(
+            self._poll,
+            self.limits.watch_interval_ms / 1e3,
+            lambda exc: pb_utils.Logger.log_error(f"{self.name}: watching failed: {exc}"),
+            name=f"{self.name}-watch",
+        )
         self._prober = threading.Thread(target=self._probe_loop, name="probe", daemon=True)
         self._prober.start()
+
+    def _loads(self, data: bytes, origin: str) -> selection.SelectorSpec:
+        spec = selection.loads(data, origin)
+        cycles.check(self.repo, self.name, (("variant", v.target) for v in spec.variants), origin)
+        return spec
+
+    def _poll(self) -> None:
+        """Look at the selector file (the execute and the watcher thread call this)."""
+        for change in self.watch.poll():
+            if change.refused:
+                pb_utils.Logger.log_error(f"{self.name}: {change.refused}")
+            if change.note:
+                pb_utils.Logger.log_warn(f"{self.name}: {change.note}")
 
     def _family(self, name: str, description: str, kind: str) -> Any:
         family = pb_utils.MetricFamily(
@@ -135,12 +164,13 @@ class TritonPythonModel:
                 x, serving, spec = self._last_batch, self.current, self.spec
             if x is None:
                 continue
+            timeout = (self.limits.bls_timeout_ms / 1e3, "bls_timeout_ms")
             for i, v in enumerate(spec.variants):
                 if i == serving or self._stop.is_set():
                     continue
                 t0 = time.perf_counter()
                 try:
-                    answer = common.bls_request(v.target, x).exec()
+                    answer = self.calls.call_sync(v.target, x, timeout)
                 except Exception:  # a probe must never take the model down
                     continue
                 ms = (time.perf_counter() - t0) * 1e3
@@ -149,24 +179,28 @@ class TritonPythonModel:
                         if self.spec is spec:
                             self.latency[i].add(ms)
 
-    async def _timed(self, i: int, x: Any) -> tuple[Any, float]:
+    async def _timed(self, i: int, x: Any, timeout: common.Timeout) -> tuple[Any, float]:
+        """The answer (or the error it ended with) and its time in milliseconds."""
         t0 = time.perf_counter()
-        answer = await common.bls_request(self.spec.variants[i].target, x).async_exec()
+        try:
+            answer = await self.calls.call(self.spec.variants[i].target, x, timeout)
+        except common.DownstreamError as exc:
+            answer = exc.with_traceback(None)  # kept in a local: no frame cycle
         return answer, (time.perf_counter() - t0) * 1e3
 
     async def execute(self, requests: list[Any]) -> list[Any]:
-        if self.watch.poll():
+        self._poll()
+        if self.watch.current is not self.spec:  # taken here or by the watcher thread
             with self._lock:
                 self._reset(self.watch.current)
-        elif self.watch.last_error:
-            pb_utils.Logger.log_error(f"{self.name}: {self.watch.last_error}")
-            self.watch.last_error = ""
         self._refresh_accuracy()
         responses, kept, xs, x = common.stack(self.name, requests, allow_nan=self.allow_nan)
         if x is None:
             return responses
         serving = self.current
-        answer, ms = await self._timed(serving, x)
+        answer, ms = await self._timed(
+            serving, x, common.timeout_of([requests[i] for i in kept], self.limits)
+        )
         target = self.spec.variants[serving].target
         failed = False
         try:
@@ -204,6 +238,8 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stop.set()
+        self._poller.stop()
         self._prober.join(timeout=5)
+        self.calls.close()
         if self.outcomes is not None:
             self.outcomes.close()

@@ -81,13 +81,15 @@ def test_bad_member_files_are_refused(doc: dict[str, object], message: str) -> N
 def test_watched_file_keeps_the_last_good_copy(tmp_path: Path) -> None:
     f = tmp_path / "members.json"
     f.write_text(json.dumps(_members()))
-    w = Watched(f, members.load)
-    assert not w.poll()  # unchanged: no reload
+    w = Watched(f, members.loads)
+    assert w.poll() == []  # unchanged: no reload
     f.write_text("{broken")
     os.utime(f, ns=(1, 1))
-    assert not w.poll() and "not JSON" in w.last_error and w.failures == 1
+    (change,) = w.poll()
+    assert not change.took_effect and "not JSON" in change.refused and w.failures == 1
     assert w.current.label == "alpha:1,beta:2"  # still serving the previous file
     doc = _members()
     doc["members"][1]["version"] = 3  # type: ignore[index]
     f.write_text(json.dumps(doc))
-    assert w.poll() and w.current.label == "alpha:1,beta:3" and w.last_error == ""
+    (change,) = w.poll()
+    assert change.took_effect and change.refused == "" and w.current.label == "alpha:1,beta:3"

@@ -24,6 +24,7 @@ import pytest
 from ensembles import experiment as ex
 from ensembles import repository as rep
 from ensembles import signal
+from ensembles.limits import Limits
 from setsuna.errors import SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import build_logistic_models
@@ -35,6 +36,8 @@ N_FEATURES = 6
 RNG = np.random.default_rng(11)
 W = {name: RNG.normal(size=N_FEATURES).astype(np.float32) for name in ("alpha", "beta", "gamma")}
 THRESHOLDS = signal.Thresholds(buy_at=0.55, sell_at=0.45)
+#: Downstream calls here never time out on a loaded machine (test_served_guards times them out).
+PATIENT = Limits(bls_timeout_ms=60_000)
 
 FAULTY_CONFIG = f"""\
 name: "faulty"
@@ -43,6 +46,7 @@ max_batch_size: 1024
 input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {N_FEATURES} ] }} ]
 output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters {{ key: "leaf" value {{ string_value: "true" }} }}
 """
 FAULTY_PY = """\
 import triton_python_backend_utils as pb_utils
@@ -160,7 +164,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     files.mkdir()
     (files / "exp.json").write_text(json.dumps(_experiment({"control": 0.5, "treatment": 0.5})))
     shadow_log = root / "shadow.jsonl"
-    rep.write_router(repo, files / "exp.json", N_FEATURES, shadow_log=shadow_log)
+    rep.write_router(repo, files / "exp.json", N_FEATURES, shadow_log=shadow_log, limits=PATIENT)
     rep.write_signal(repo, {1: THRESHOLDS})
     rep.write_decision(repo, N_FEATURES)
     in_process = _experiment({"control": 0.5, "treatment": 0.5})
@@ -174,17 +178,26 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         in_process=True,
         thresholds=THRESHOLDS,
         shadow_log=root / "decide-shadow.jsonl",
+        limits=PATIENT,
     )
     (files / "good.json").write_text(json.dumps(_members("alpha", "beta")))
     (files / "bad.json").write_text(json.dumps(_members("alpha", "faulty")))
-    rep.write_combiner(repo, files / "good.json", N_FEATURES, name="combiner")
-    rep.write_combiner(repo, files / "bad.json", N_FEATURES, name="combiner_bad")
+    rep.write_combiner(repo, files / "good.json", N_FEATURES, name="combiner", limits=PATIENT)
+    rep.write_combiner(repo, files / "bad.json", N_FEATURES, name="combiner_bad", limits=PATIENT)
     cached = rep.Serving(instances=1, response_cache=True)  # no batcher: no 2.51 stall
     rep.write_signal(repo, {1: THRESHOLDS}, name="signal_cached", serving=cached)
     (files / "selector.json").write_text(json.dumps(_selector(1000.0)))
     outcomes = root / "outcomes.db"
     rep.write_selector(
-        repo, files / "selector.json", N_FEATURES, outcomes_db=outcomes, refresh_s=0.0
+        repo,
+        files / "selector.json",
+        N_FEATURES,
+        outcomes_db=outcomes,
+        refresh_s=0.0,
+        limits=PATIENT,
+        # One instance: the hysteresis tests read one state machine's choices in a row
+        # (two instances each keep their own dwell, so their answers interleave).
+        serving=rep.Serving(instances=1),
     )
     rep.write_feedback(repo, outcomes)
     http, grpc, metrics = free_ports(3)
@@ -212,11 +225,17 @@ def _route(
     return out
 
 
+def _replace(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``path`` in one step (temp + rename): the models watch it from a thread too."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc))
+    st = tmp.stat()
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new stamp, always
+    tmp.replace(path)
+
+
 def _set_experiment(s: Served, doc: dict[str, Any]) -> None:
-    path = s.repo / "router" / rep.EXPERIMENT_FILE
-    path.write_text(json.dumps(doc))
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new stamp, always
+    _replace(s.repo / "router" / rep.EXPERIMENT_FILE, doc)
 
 
 KEYS = [f"acct-{i}" for i in range(10_000)]
@@ -271,8 +290,14 @@ def test_a_bad_experiment_file_keeps_the_previous_one_serving(served: Served) ->
         assert _route(served, x, KEYS[:4])["experiment_version"].reshape(-1).tolist() == [2] * 4
         log = served.server.log_path
         assert log is not None and "sum to 1.1" in log.read_text()
-        text = _metrics(served)
-        assert 'setsuna_router_reload_failures_total{router="router"} 1' in text
+        # Each instance refuses the file once (the one that answered has by now).
+        counts = [
+            float(line.rsplit(" ", 1)[1])
+            for line in _metrics(served).splitlines()
+            if line.startswith("setsuna_router_reload_failures_total{")
+            and 'router="router"' in line
+        ]
+        assert max(counts) == 1.0 and set(counts) <= {0.0, 1.0}, counts
     finally:
         _set_experiment(served, _experiment({"control": 0.5, "treatment": 0.5}))
 
@@ -408,10 +433,7 @@ def _gauges(s: Served, name: str) -> dict[str, float]:
 
 
 def _set_selector(s: Served, doc: dict[str, Any]) -> None:
-    path = s.repo / "selector" / rep.SELECTOR_FILE
-    path.write_text(json.dumps(doc))
-    st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    _replace(s.repo / "selector" / rep.SELECTOR_FILE, doc)
 
 
 def test_selector_switches_when_the_budget_changes_and_not_before(served: Served) -> None:
@@ -428,7 +450,7 @@ def test_selector_switches_when_the_budget_changes_and_not_before(served: Served
         after = _select(served, 40)
         first = after.index("alpha:1")
         assert first >= 5, after  # the new file resets the measurements: not before
-        assert set(after[first:]) == {"alpha:1"}  # and no flapping back
+        assert set(after[first:]) == {"alpha:1"}, after  # and no flapping back
     finally:
         _set_selector(served, _selector(1000.0))
 
