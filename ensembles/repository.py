@@ -31,6 +31,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build_engines.repository import CONFIG_NAME, parse_config
 from ensembles import cycles, experiment, members, selection, signal
 from ensembles.limits import Limits
+from setsuna import seal
 from setsuna.errors import ConfigError
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
@@ -97,6 +98,12 @@ def _write(repo: Path, cfg: mc.ModelConfig, versions: dict[int, str] | None) -> 
     return folder
 
 
+def _sealed(folder: Path) -> Path:
+    """Sign every version folder: the stub guard loads nothing unsealed (setsuna.seal)."""
+    seal.seal_model(folder)
+    return folder
+
+
 def write_router(
     repo: Path,
     experiment_file: Path,
@@ -147,7 +154,7 @@ def write_router(
     shutil.copyfile(experiment_file, folder / EXPERIMENT_FILE)
     if thresholds is not None:
         (folder / "1" / signal.THRESHOLDS_FILE).write_text(json.dumps(thresholds.to_json()))
-    return folder
+    return _sealed(folder)
 
 
 def write_signal(
@@ -170,7 +177,7 @@ def write_signal(
     folder = _write(repo, cfg, {v: "signal" for v in thresholds})
     for v, t in thresholds.items():
         (folder / str(v) / signal.THRESHOLDS_FILE).write_text(json.dumps(t.to_json()))
-    return folder
+    return _sealed(folder)
 
 
 def write_combiner(
@@ -193,7 +200,7 @@ def write_combiner(
     _limits(cfg, limits)
     folder = _write(repo, cfg, {1: "combiner"})
     shutil.copyfile(members_file, folder / MEMBERS_FILE)
-    return folder
+    return _sealed(folder)
 
 
 def write_decision(
@@ -231,7 +238,7 @@ def write_decision(
         decide.output_map[out] = out
     folder = _write(repo, cfg, None)
     (folder / "1").mkdir(exist_ok=True)  # Triton wants a version folder, empty for an ensemble
-    return folder
+    return _sealed(folder)
 
 
 def write_selector(
@@ -263,7 +270,7 @@ def write_selector(
     _limits(cfg, limits)
     folder = _write(repo, cfg, {1: "selector"})
     shutil.copyfile(selector_file, folder / SELECTOR_FILE)
-    return folder
+    return _sealed(folder)
 
 
 def write_feedback(
@@ -284,4 +291,4 @@ def write_feedback(
     cfg.output.append(mc.ModelOutput(name="outcomes", data_type=mc.TYPE_INT64, dims=[1]))
     cfg.parameters["outcomes_db"].string_value = str(outcomes_db)
     cfg.parameters["threshold"].string_value = repr(threshold)
-    return _write(repo, cfg, {1: "feedback"})
+    return _sealed(_write(repo, cfg, {1: "feedback"}))

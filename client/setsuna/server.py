@@ -773,7 +773,7 @@ class LocalTriton:
         # Checked first because readiness polling would happily find *another*
         # server already listening there and report ours as ready.
         for name, port in (
-            ("http", s.http_port),
+            *((("http", s.http_port),) if s.http else ()),
             ("grpc", s.grpc_port),
             ("metrics", s.metrics_port),
         ):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from setsuna import seal
 from setsuna.errors import ConfigError, ServerError
 from setsuna.server import (
     ADMIN_HEADER,
@@ -82,6 +83,7 @@ def _model(repo: Path, name: str, code: str, *, cached: bool = False) -> None:
     extra = "response_cache { enable: true }" if cached else ""
     (repo / name / "config.pbtxt").write_text(CONFIG.format(extra=extra))
     (repo / name / "1" / "model.py").write_text(code)
+    seal.seal_model(repo / name)  # the stub guard loads only sealed folders
 
 
 def _settings(repo: Path, **kw: object) -> ServerSettings:
@@ -94,7 +96,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
     repo = tmp_path_factory.mktemp("repo")
     _model(repo, "identity", IDENTITY_PY, cached=True)
     _model(repo, "spare", IDENTITY_PY)  # loaded/unloaded by the admin tests
-    srv = LocalTriton(_settings(repo), log_path=repo.parent / "triton.log")
+    # HTTP on: this module pins the HTTP frontend's behaviour too (off by default).
+    srv = LocalTriton(_settings(repo, http=True), log_path=repo.parent / "triton.log")
     with srv:
         yield srv
     assert not srv.running
@@ -209,7 +212,9 @@ def test_a_broken_model_leaves_the_others_serving_and_readiness_says_which(
     repo = tmp_path / "repo"
     _model(repo, "broken", BROKEN_PY)
     _model(repo, "identity", IDENTITY_PY)
-    srv = LocalTriton(_settings(repo), log_path=tmp_path / "triton.log", require_all_models=False)
+    srv = LocalTriton(
+        _settings(repo, http=True), log_path=tmp_path / "triton.log", require_all_models=False
+    )
     with srv:
         assert set(srv.unavailable) == {"broken"}
         assert "broken-model-sentinel" in srv.unavailable["broken"]
@@ -225,8 +230,8 @@ def test_a_broken_model_leaves_the_others_serving_and_readiness_says_which(
 def test_port_in_use_is_refused_before_starting(server: LocalTriton) -> None:
     clash = ServerSettings(
         server.settings.model_repository,
-        http_port=server.settings.http_port,
-        grpc_port=free_ports(1)[0],
+        http_port=free_ports(1)[0],
+        grpc_port=server.settings.grpc_port,
         metrics_port=free_ports(1)[0],
         load_models=(),
     )
@@ -290,15 +295,34 @@ def test_settings_defaults_and_flags(repo: Path) -> None:
         "--strict-readiness=false",
         "--exit-on-error=false",
         "--exit-timeout-secs=5",
-        "--http-address=127.0.0.1",
-        "--http-port=8000",
+        "--allow-http=false",
         "--grpc-address=127.0.0.1",
         "--grpc-port=8001",
         "--allow-metrics=true",
         "--metrics-address=127.0.0.1",
         "--metrics-port=8002",
+        "--grpc-restricted-protocol=model-repository,logging,trace,shared-memory"
+        ":admin-key=${SETSUNA_ADMIN_TOKEN}",
+        "--cache-config=local,size=268435456",
+        "--log-verbose=0",
+    ]
+    http = ServerSettings(repo, http=True).flags(token="${SETSUNA_ADMIN_TOKEN}")
+    assert http == [
+        "--model-control-mode=explicit",
+        "--load-model=m1",
+        "--load-model=m2",
+        "--strict-readiness=false",
+        "--exit-on-error=false",
+        "--exit-timeout-secs=5",
+        "--http-address=127.0.0.1",
+        "--http-port=8000",
         "--http-restricted-api=model-repository,logging,trace,shared-memory"
         ":admin-key=${SETSUNA_ADMIN_TOKEN}",
+        "--grpc-address=127.0.0.1",
+        "--grpc-port=8001",
+        "--allow-metrics=true",
+        "--metrics-address=127.0.0.1",
+        "--metrics-port=8002",
         "--grpc-restricted-protocol=model-repository,logging,trace,shared-memory"
         ":admin-key=${SETSUNA_ADMIN_TOKEN}",
         "--http-max-input-size=67108864",
@@ -342,17 +366,18 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             if line.startswith("Press Ctrl-C"):
                 break
         banner = "".join(lines)
-        assert f"127.0.0.1:{http}" in banner, banner
+        assert f"127.0.0.1:{grpc}" in banner, banner
+        assert "HTTP     off" in banner
         assert "token from $SETSUNA_ADMIN_TOKEN" in banner
         assert "t" * 24 not in banner  # a token from the environment is never printed
-        with httpclient.InferenceServerClient(f"127.0.0.1:{http}") as client:
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}") as client:
             assert client.is_model_ready("identity")
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "stopping" in rest
     with pytest.raises(ConnectionRefusedError):  # the server went with the CLI
-        socket.create_connection(("127.0.0.1", http), timeout=5).close()
+        socket.create_connection(("127.0.0.1", grpc), timeout=5).close()
 
 
 def test_cli_bad_settings_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
