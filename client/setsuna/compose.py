@@ -11,7 +11,12 @@ targets, with only what must differ inside a container changed here:
 - the admin token comes from the host's environment at ``up`` time, never
   from the file;
 - ``--http-max-input-size`` is left out: the pinned 24.10 image (server
-  2.51.0, the wheel's version) does not know it.
+  2.51.0, the wheel's version) does not know it;
+- HTTP stays on (the local target turns it off): the image's healthcheck
+  and a cluster's probes use ``/v2/health/ready``. Its 2.51 frontend can be
+  crashed by one request, so the port is published on the host's loopback
+  only and ``restart: unless-stopped`` brings a crashed server back; see the
+  threat model in docs/architecture.md.
 
 ``python -m setsuna.compose`` prints the command as YAML list items.
 """
@@ -33,7 +38,9 @@ TOKEN_REFERENCE = f"${{{ADMIN_TOKEN_ENV}?{ADMIN_TOKEN_ENV}_must_be_set}}"
 
 def container_settings(anchor: Path = Path()) -> ServerSettings:
     """Default settings as the container needs them (``anchor`` only satisfies validation)."""
-    return ServerSettings(anchor, bind_address="0.0.0.0", allow_remote_bind=True, load_models=())
+    return ServerSettings(
+        anchor, bind_address="0.0.0.0", allow_remote_bind=True, http=True, load_models=()
+    )
 
 
 def container_command(settings: ServerSettings | None = None) -> list[str]:

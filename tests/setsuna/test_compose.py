@@ -35,7 +35,11 @@ def test_container_and_local_share_every_flag_but_the_container_specific_ones(
 ) -> None:
     local = ServerSettings(tmp_path, load_models=()).flags(token="t", max_input_size_flag=False)
     container = [f for f in container_command() if f.startswith("--")]
+    # HTTP: off locally, on in the container (its healthcheck and probes use it).
+    assert "--allow-http=false" in local and "--allow-http=false" not in container
     differ = {
+        "--allow-http",
+        "--http-port",
         "--http-address",
         "--grpc-address",
         "--metrics-address",
