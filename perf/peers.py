@@ -431,6 +431,7 @@ def _start_setsuna(ctx: Context) -> Running:
         grpc_port=grpc,
         metrics_port=metrics,
         load_models=(MODEL_NAME,),
+        http=True,  # this benchmark measures the HTTP frontend too (off by default)
         cache_size_bytes=0,  # distinct rows: measure the engine, not cache hits
     )
     log = ctx.logs / "setsuna.log"

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         http_port=http,
         grpc_port=grpc,
         metrics_port=metrics,
+        http=True,  # this benchmark measures the HTTP frontend too (off by default)
         load_models=engines,
     )
     results: dict[str, pa.RunResult] = {}

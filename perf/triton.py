@@ -540,6 +540,7 @@ class Sweep:
             http_port=http,
             grpc_port=grpc,
             metrics_port=metrics,
+            http=True,  # this benchmark measures the HTTP frontend too (off by default)
             load_models=(model.name,),
             cache_size_bytes=CACHE_BYTES,
         )
