@@ -12,7 +12,7 @@ REPO ?= model_repository
 BUILD_FLAGS ?=
 PERF_FLAGS ?=
 
-.PHONY: install build-engines serve stop demo test lint perf perf-setup perf-peers up down compose-check clean
+.PHONY: install build-engines serve stop demo test lint perf perf-setup perf-peers reliability up down compose-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ perf: $(STAMP) perf-setup
 	$(PY) -m perf.targets --model-repository $(REPO)/local
 	$(PY) -m perf.ensembles --model-repository $(REPO)/local
 	$(PY) perf/features.py
+
+## Hardening probes against a real local tritonserver (tiny models in a temp dir; ~2 min, not CI):
+## prints probe | expected | observed | verdict, writes .cache/reliability/, exits 1 on a FAIL.
+reliability: $(STAMP)
+	$(PY) -m reliability
 
 # Peer servers for perf-peers live in their own venv, never in $(VENV) nor CI.
 # mlserver 1.7.1 needs fastapi<0.116 and ray[serve]>=2.56 needs a newer one
