@@ -61,7 +61,7 @@ perf: $(STAMP) perf-setup
 	$(PY) -m perf.ensembles --model-repository $(REPO)/local
 	$(PY) perf/features.py
 
-## Hardening probes against a real local tritonserver (tiny models in a temp dir; ~2 min, not CI):
+## Hardening probes against a real local tritonserver (tiny models in a temp dir; ~1 min, not CI):
 ## prints probe | expected | observed | verdict, writes .cache/reliability/, exits 1 on a FAIL.
 reliability: $(STAMP)
 	$(PY) -m reliability
