@@ -27,6 +27,8 @@ ROW: Final = np.arange(4, dtype=np.float32).reshape(1, 4)
 STUB_RECOVERY_LIMIT_S: Final = 15.0
 #: ... and of the whole server, restarted by python -m setsuna.server.
 SERVER_RECOVERY_LIMIT_S: Final = 60.0
+#: clean_stale_shm's default min_age_s: younger regions are never removed.
+SHM_MIN_AGE_S: Final = 5.0
 
 
 def run_supervised(lab: Lab) -> list[Probe]:
@@ -50,6 +52,7 @@ def run_served(lab: Lab, main: Shared[LocalTriton]) -> list[Probe]:
             "stale shared memory after kill -9 of a server",
             "clean_stale_shm removes the dead server's regions; the live server's are kept",
             lambda: _stale_shm(lab, main.get()),
+            note=f"waits out the cleaner's {SHM_MIN_AGE_S:g} s age guard",
         ),
         probe(
             "9",
@@ -180,7 +183,12 @@ def _stale_shm(lab: Lab, srv: LocalTriton) -> Outcome:
     )
     victim.stop()  # reaps the killed server; its regions stay in /dev/shm
     left_before = len(theirs & _regions())
-    removed = set(clean_stale_shm(min_age_s=0))
+    # The cleaner's own age guard (5 s: a starting server's region may not be mapped
+    # yet) is waited out rather than turned off, so another server starting on this
+    # host meanwhile is never touched.
+    newest = max((Path("/dev/shm", n).stat().st_mtime for n in theirs & _regions()), default=0.0)
+    time.sleep(max(0.0, newest + SHM_MIN_AGE_S + 0.2 - time.time()))
+    removed = set(clean_stale_shm())
     left_after = len(theirs & _regions())
     kept = mine <= _regions()
     wrongly = removed & mine
