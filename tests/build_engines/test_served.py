@@ -24,7 +24,7 @@ from build_engines import gate
 from build_engines.base import F32, Built, Converter, Source
 from build_engines.build import build_model, converter_for
 from build_engines.spec import ModelSpec
-from setsuna import manifest, runtime
+from setsuna import manifest, runtime, seal
 from setsuna.server import LocalTriton, ServerSettings, find_tritonserver, free_ports
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
@@ -143,6 +143,7 @@ def served(
     shutil.copytree(root / "repo" / "local" / "lgbm", root / "repo" / "local" / "tampered")
     cfg = root / "repo" / "local" / "tampered" / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace('name: "lgbm"', 'name: "tampered"'))
+    seal.seal_model(cfg.parent)  # published under its new name; the test then tampers with it
     http, grpc, metrics = free_ports(3)
     settings_ = ServerSettings(
         root / "repo" / "local",
@@ -257,7 +258,7 @@ def test_a_tampered_artifact_refuses_to_load(served: Fixture) -> None:
     server, _ = served
     folder = server.settings.model_repository / "tampered" / "1"
     victim = max(
-        (p for p in folder.iterdir() if p.name not in ("model.py", "manifest.json")),
+        (p for p in folder.iterdir() if p.name not in ("model.py", "manifest.json", "seal.json")),
         key=lambda p: p.stat().st_size,
     )
     data = bytearray(victim.read_bytes())

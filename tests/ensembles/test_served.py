@@ -25,6 +25,7 @@ from ensembles import experiment as ex
 from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
+from setsuna import seal
 from setsuna.errors import SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import build_logistic_models
@@ -160,6 +161,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (repo / "faulty" / "1").mkdir(parents=True)
     (repo / "faulty" / "config.pbtxt").write_text(FAULTY_CONFIG)
     (repo / "faulty" / "1" / "model.py").write_text(FAULTY_PY)
+    for hand_written in ("slow", "faulty"):
+        seal.seal_model(repo / hand_written)  # the stub guard loads only sealed folders
     files = root / "files"
     files.mkdir()
     (files / "exp.json").write_text(json.dumps(_experiment({"control": 0.5, "treatment": 0.5})))
@@ -406,6 +409,7 @@ def test_cache_never_serves_an_answer_of_an_older_version(served: Served) -> Non
         shutil.copytree(folder / "1", folder / "2")
         stricter = signal.Thresholds(buy_at=0.65, sell_at=0.45).to_json()
         (folder / "2" / signal.THRESHOLDS_FILE).write_text(json.dumps(stricter))
+        seal.seal_version(folder / "2")  # published as a new version, as the build would
         c.load_model("signal_cached", headers=served.server.grpc_admin_headers)
     assert _signal(served, "signal_cached", 0.6) == (signal.HOLD, "signal_cached:2")
 

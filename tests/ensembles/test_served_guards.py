@@ -31,6 +31,7 @@ import pytest
 from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
+from setsuna import seal
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import build_logistic_models
 
@@ -132,6 +133,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     config = STUCK_CONFIG.replace("RELEASE", str(release)).replace("STARTED", str(started))
     (repo / "stuck" / "config.pbtxt").write_text(config)
     (repo / "stuck" / "1" / "model.py").write_text(STUCK_PY)
+    seal.seal_model(repo / "stuck")  # the stub guard loads only sealed folders
     gate = Gate(os.open(release, os.O_RDWR), os.open(started, os.O_RDWR))
     files = root / "files"
     files.mkdir()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from perf import perf_analyzer as pa
+from setsuna import seal
 from setsuna.errors import ServerError
 from setsuna.server import LocalTriton, ServerSettings, find_tritonserver, free_ports
 
@@ -160,6 +161,7 @@ def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalTr
     (repo / "identity" / "1").mkdir(parents=True)
     (repo / "identity" / "config.pbtxt").write_text(CONFIG)
     (repo / "identity" / "1" / "model.py").write_text(IDENTITY_PY)
+    seal.seal_model(repo / "identity")  # the stub guard loads only sealed folders
     rows = np.random.default_rng(1).standard_normal((2000, 4)).astype(np.float32)
     data = pa.write_input_json(rows, repo.parent / "rows.json", input_name="features")
     http, grpc, metrics = free_ports(3)
@@ -168,6 +170,7 @@ def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalTr
         http_port=http,
         grpc_port=grpc,
         metrics_port=metrics,
+        http=True,  # both protocols are measured
         cache_size_bytes=16 * 1024,  # far fewer entries than rows: distinct rows all miss
     )
     with LocalTriton(settings, log_path=repo.parent / "triton.log") as server:

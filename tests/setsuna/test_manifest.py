@@ -48,13 +48,16 @@ def test_a_missing_file_is_refused(tmp_path: Path) -> None:
         manifest.verify(folder)
 
 
-def test_a_planted_file_is_refused_but_pycache_is_not(tmp_path: Path) -> None:
+def test_a_planted_file_is_refused_pycache_included(tmp_path: Path) -> None:
+    """The stub guard writes no bytecode, so a __pycache__ here was planted (it would run)."""
     folder = _folder(tmp_path)
-    (folder / "__pycache__").mkdir()
-    (folder / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
-    manifest.verify(folder)
     (folder / "evil.so").write_bytes(b"\x7fELF")
     with pytest.raises(TamperedArtifactError, match=r"evil\.so"):
+        manifest.verify(folder)
+    (folder / "evil.so").unlink()
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
+    with pytest.raises(TamperedArtifactError, match=r"model\.cpython-311\.pyc"):
         manifest.verify(folder)
 
 

@@ -137,3 +137,22 @@ def test_the_generated_signing_key_is_private_and_trusted(
     assert seal.signing_key_path().stat().st_mode & 0o077 == 0
     assert seal.key_id(keys.public_key()) in seal.trusted_keys()
     assert seal.trusted_keys_path().stat().st_mode & 0o022 == 0
+
+
+@pytest.mark.parametrize("name", ["/usr/lib/libc.so.6", "../../evil.so", "sub/dir.so", ""])
+def test_engine_files_outside_the_version_folder_are_refused(tmp_path: Path, name: str) -> None:
+    """An absolute path in engine_params loaded a library the hashes never covered."""
+    from setsuna import runtime
+    from setsuna.errors import EngineError
+
+    with pytest.raises(EngineError, match="not a plain file name"):
+        runtime.load("tl2cgen", tmp_path, {"lib": name})
+
+
+def test_an_engine_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    from setsuna import runtime
+    from setsuna.errors import EngineError
+
+    (tmp_path / "forest.so").symlink_to("/usr/lib/x86_64-linux-gnu/libc.so.6")
+    with pytest.raises(EngineError, match="is a link"):
+        runtime.load("tl2cgen", tmp_path, {"lib": "forest.so"})

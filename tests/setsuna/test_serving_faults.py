@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 from build_engines import gate
 from build_engines.build import build_model
 from build_engines.spec import ModelSpec, ServingSpec
+from setsuna import seal
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import logistic_candidate, logistic_source
 
@@ -105,6 +106,7 @@ def _gated(repo: Path, name: str, queue: int, timeout_us: int) -> Gate:
         )
     )
     (folder / "1" / "model.py").write_text(GATED_PY)
+    seal.seal_model(folder)  # the stub guard loads only sealed folders
     return Gate(name, os.open(release, os.O_RDWR), os.open(started, os.O_RDWR))
 
 
@@ -137,7 +139,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
         "stale": _gated(repo, "gated_stale", queue=8, timeout_us=200_000),
     }
     http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    # HTTP on: these probes pin the HTTP frontend's answers too (it is off by default).
+    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, http=True)
     with LocalTriton(settings, log_path=root / "triton.log") as srv:
         yield srv, gates
 

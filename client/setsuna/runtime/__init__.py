@@ -46,7 +46,7 @@ _LOADERS: dict[str, str] = {
 
 
 def artifact(folder: Path, name: object) -> Path:
-    """``folder/name`` if it is a regular file inside ``folder``, else :class:`EngineError`.
+    """``folder/name`` if that names a file inside ``folder``, else :class:`EngineError`.
 
     Engine parameters come from the manifest, and an absolute path, a ``..``
     or a symlink there would load a file the manifest's hashes never covered:
@@ -60,9 +60,9 @@ def artifact(folder: Path, name: object) -> Path:
             "the manifest was edited or built by something else: rebuild the model"
         )
     path = folder / rel
-    if path.is_symlink() or not path.is_file():
-        raise EngineError(f"engine file {path} is missing or not a regular file: rebuild")
-    return path
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise EngineError(f"engine file {path} is a link or not a regular file: rebuild")
+    return path  # a missing file is the loader's to report, in its own words
 
 
 def engine_kinds() -> tuple[str, ...]:
