@@ -108,9 +108,7 @@ def build_config(
         db = cfg.dynamic_batching
         db.preferred_batch_size.extend(s.preferred_batch_sizes)
         db.max_queue_delay_microseconds = s.max_queue_delay_us
-        db.default_queue_policy.max_queue_size = s.max_queue_size
-        db.default_queue_policy.timeout_action = mc.ModelQueuePolicy.REJECT
-        db.default_queue_policy.default_timeout_microseconds = s.queue_timeout_us
+        # No default_queue_policy: with batching it stalls 2.51 (model_config.batching_hazards).
     cfg.response_cache.enable = s.response_cache
     cfg.version_policy.latest.num_versions = s.num_versions
     warm = cfg.model_warmup.add(name="one_row_zeros", batch_size=1)
@@ -138,6 +136,9 @@ def write_model(
     anything.
     """
     cfg = build_config(spec, source, candidate, target)
+    hazards = model_config.batching_hazards(cfg)
+    if hazards:  # build_config never adds a queue policy; this keeps it that way
+        raise ConfigError("; ".join(hazards))
     text = text_format.MessageToString(cfg)
     parse_config(text, name=spec.name)  # round-trip through the schema before anything
 

@@ -2,9 +2,9 @@
 
 A :class:`ModelSpec` says how strict the gate is for this model, which
 figure picks the winner (``latency``: single-row p50; ``throughput``: rows/s
-at 1,024), and how Triton should serve it (batching, queue bounds, instances,
-cache). Defaults suit a trading desk: small queue delays, bounded queues,
-two CPU instances on a two-core host.
+at 1,024), and how Triton should serve it (batching, instances, cache).
+Defaults suit a trading desk: small queue delays, two CPU instances on a
+two-core host; overload is bounded by deadlines, not by a Triton queue policy.
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ class ServingSpec:
     dynamic_batching: bool = True
     #: Batches the dynamic batcher tries to form; each must be <= max_batch_size.
     preferred_batch_sizes: tuple[int, ...] = (8, 32, 128)
-    #: How long the batcher may hold the first request waiting for company.
+    #: How long the batcher may hold the first request waiting for company. There is
+    #: deliberately no Triton queue policy (size, timeout): with dynamic batching it
+    #: stalls 2.51's batcher (setsuna.model_config.QUEUE_POLICY_STALL); the caller's
+    #: deadline travels with each request and the backend sheds what cannot make it.
     max_queue_delay_us: int = 100
-    #: Requests queued beyond this are rejected at once instead of waiting (bounded queue).
-    max_queue_size: int = 4096
-    #: A request still queued after this long is rejected: a stale prediction is worse
-    #: than a fast refusal the caller can act on. 0 waits forever.
-    queue_timeout_us: int = 50_000
     cpu_instances: int = 2
     gpu_instances: int = 1
     #: Off by default: Triton 2.51 caches a Python-backend *error* response as an
@@ -57,10 +55,6 @@ class ServingSpec:
             )
         if self.max_queue_delay_us < 0:
             raise ConfigError("max_queue_delay_us must be >= 0 (0 batches only what is queued)")
-        if self.queue_timeout_us < 0:
-            raise ConfigError("queue_timeout_us must be >= 0 (0 means no timeout)")
-        if self.max_queue_size < 1:
-            raise ConfigError("max_queue_size must be >= 1: an unbounded queue hides overload")
         if self.cpu_instances < 1 or self.gpu_instances < 1 or self.num_versions < 1:
             raise ConfigError("cpu_instances, gpu_instances and num_versions must be >= 1")
 

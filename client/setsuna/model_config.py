@@ -65,6 +65,38 @@ def parse(
     return cfg
 
 
+#: Why :func:`batching_hazards` exists, for messages and docs.
+QUEUE_POLICY_STALL = (
+    "dynamic batching with a default_queue_policy (a timeout or max_queue_size) or "
+    "priority levels turns payload pre-fetching off in Triton 2.51 (core "
+    "scheduler_utils.cc); the batcher is then woken only by a waiting consumer, and a "
+    "request arriving between a response and the instance's release sleeps "
+    "default_wait_microseconds (500 ms): drop the queue policy and bound overload with "
+    "deadlines instead (docs/architecture.md, 'Overload and deadlines')"
+)
+
+
+def batching_hazards(cfg: mc.ModelConfig) -> list[str]:
+    """Why ``cfg``'s dynamic batching would stall in Triton 2.51; empty when it would not.
+
+    The builders never write such a config (a test walks every one they
+    write); hand-written configs that pin the queue policy's own behaviour
+    may, knowingly.
+    """
+    if not cfg.HasField("dynamic_batching"):
+        return []
+    db = cfg.dynamic_batching
+    policy = db.default_queue_policy
+    found = []
+    if db.HasField("default_queue_policy") and (
+        policy.default_timeout_microseconds or policy.max_queue_size
+    ):
+        found.append("default_queue_policy")
+    if db.priority_levels or db.priority_queue_policy:
+        found.append("priority levels")
+    return [f"{cfg.name or 'model'}: {what}: {QUEUE_POLICY_STALL}" for what in found]
+
+
 def load(path: Path, *, name: str | None = None) -> mc.ModelConfig:
     """Read and :func:`parse` the config file at ``path``.
 

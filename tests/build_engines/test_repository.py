@@ -12,7 +12,7 @@ from build_engines.base import F32, Built, Source
 from build_engines.build import build_model
 from build_engines.repository import CONFIG_NAME, parse_config
 from build_engines.spec import ModelSpec, ServingSpec
-from setsuna import manifest
+from setsuna import manifest, model_config
 from setsuna.errors import ConfigError, GateError
 from tests.helpers import logistic_candidate, logistic_source
 
@@ -60,10 +60,9 @@ def test_both_targets_parse_under_tritons_schema(tmp_path: Path) -> None:
         assert [i.name for i in cfg.input] == ["features"] and list(cfg.input[0].dims) == [5]
         assert [o.name for o in cfg.output] == ["score"] and list(cfg.output[0].dims) == [1]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
-        assert cfg.dynamic_batching.default_queue_policy.max_queue_size == 4096
-        policy = cfg.dynamic_batching.default_queue_policy
-        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
-        assert policy.default_timeout_microseconds == 50_000
+        # Never a queue policy beside dynamic batching: it stalls Triton 2.51's batcher.
+        assert not cfg.dynamic_batching.HasField("default_queue_policy")
+        assert model_config.batching_hazards(cfg) == []
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert cfg.instance_group[0].count == 3
         assert not cfg.response_cache.enable  # off: 2.51 caches error responses
@@ -102,10 +101,8 @@ def test_a_config_the_schema_rejects_names_the_field() -> None:
     [
         {"max_batch_size": 0},
         {"preferred_batch_sizes": (2048,)},
-        {"max_queue_size": 0},
         {"max_queue_delay_us": -1},
         {"cpu_instances": 0},
-        {"queue_timeout_us": -5},
     ],
 )
 def test_bad_serving_settings_are_refused(serving: dict[str, object]) -> None:
@@ -157,3 +154,19 @@ def test_fil_and_tensorrt_container_configs_parse(tmp_path: Path) -> None:
     assert cfg.instance_group[0].count == 2
     with pytest.raises(ConfigError, match="local target"):
         build_config(spec, src, fil, "local")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "default_queue_policy { max_queue_size: 4096 }",
+        "default_queue_policy { default_timeout_microseconds: 50000 timeout_action: REJECT }",
+        "priority_levels: 2 default_priority_level: 1",
+    ],
+)
+def test_batching_with_a_queue_policy_is_named_as_the_stall_cause(extra: str) -> None:
+    cfg = parse_config(f'name: "m"\nmax_batch_size: 8\ndynamic_batching {{ {extra} }}\n')
+    (hazard,) = model_config.batching_hazards(cfg)
+    assert "payload pre-fetching off" in hazard and "500 ms" in hazard
+    plain = parse_config('name: "m"\nmax_batch_size: 8\ndynamic_batching { }\n')
+    assert model_config.batching_hazards(plain) == []

@@ -142,7 +142,7 @@ def test_a_variant_that_stalled_on_another_model_is_not_eligible() -> None:
 
 
 def test_tuned_round_trip_overrides_only_the_knobs(tmp_path: Path) -> None:
-    base = dataclasses.replace(ServingSpec(), max_queue_size=77)
+    base = dataclasses.replace(ServingSpec(), gpu_instances=3)  # not a knob: kept
     chosen = dataclasses.replace(
         ServingSpec(), max_queue_delay_us=0, preferred_batch_sizes=(), cpu_instances=1
     )
@@ -151,7 +151,7 @@ def test_tuned_round_trip_overrides_only_the_knobs(tmp_path: Path) -> None:
     write_tuned(path, {"b": {"serving": tuned_knobs(ServingSpec())}})  # merges, keeps "a"
     got = load_tuned(path, base=base)
     assert set(got) == {"a", "b"}
-    assert got["a"] == dataclasses.replace(chosen, max_queue_size=77)
+    assert got["a"] == dataclasses.replace(chosen, gpu_instances=3)
     assert got["b"] == base
     assert load_tuned(tmp_path / "missing.json") == {}
 
