@@ -18,6 +18,7 @@ Triton's Python backend stub.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
-from setsuna import manifest, runtime, stub_guard
-from setsuna.errors import InputError
+from setsuna import deadline, manifest, runtime, stub_guard
+from setsuna.errors import ConfigError, InputError
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
 
@@ -40,8 +41,39 @@ class TritonPythonModel:
         self.manifest = manifest.verify_sealed(folder)
         self.schema = self.manifest.schema
         self.engine = runtime.load(self.manifest.engine, folder, self.manifest.engine_params)
+        self.shedder = deadline.Shedder(margin_us=_shed_margin_us(args))
+        # Incremented on the shed path only: a custom-metric update is a stub ->
+        # server round trip (~80 us), affordable when the request is not computed.
+        self._shed_family = pb_utils.MetricFamily(  # must outlive its Metric
+            name="setsuna_shed_total",
+            description="Requests answered UNAVAILABLE without computing: the caller's "
+            "deadline was nearer than a batch takes (setsuna.deadline)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._shed_metric = self._shed_family.Metric(labels={"model": self.manifest.model})
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        # Requests whose caller's deadline this batch cannot meet are answered at
+        # once and never computed (setsuna.deadline): overload drains fast.
+        now = time.time_ns()
+        due = [deadline.read(r.parameters()) for r in requests]
+        late = [i for i, d in enumerate(due) if self.shedder.too_late(d, now)]
+        if not late:
+            return self._serve(requests)
+        responses: list[Any] = [None] * len(requests)
+        self._shed_metric.increment(len(late))
+        for i in late:
+            message = self.shedder.message(self.manifest.model, due[i] or now, now)
+            responses[i] = pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
+            )
+        keep = [i for i in range(len(requests)) if responses[i] is None]
+        if keep:
+            for i, response in zip(keep, self._serve([requests[i] for i in keep]), strict=True):
+                responses[i] = response
+        return responses
+
+    def _serve(self, requests: list[Any]) -> list[Any]:
         # Triton has already enforced dtype and dims from config.pbtxt; what it
         # cannot know is the NaN policy. So: stack once, check finiteness once
         # over the whole batch, and only on a hit find which requests own the
@@ -58,8 +90,10 @@ class TritonPythonModel:
         parts = [arrays[i] for i in keep]
         if bad:  # rare: restack without the refused requests
             x = np.ascontiguousarray(np.concatenate(parts))
+        began = time.perf_counter_ns()
         try:
             y = self.engine.predict(x)
+            self.shedder.observe(time.perf_counter_ns() - began)
         except Exception as exc:  # an engine failure fails its requests, visibly
             err = pb_utils.TritonError(f"{self.manifest.model}: engine failed: {exc}")
             for i in keep:
@@ -102,3 +136,20 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.engine = None  # type: ignore[assignment]
+
+
+def _shed_margin_us(args: dict[str, Any]) -> float:
+    """Config parameter ``shed_margin_us``: time kept for the answer's way back (default 200)."""
+    import json
+
+    params = json.loads(args.get("model_config", "{}")).get("parameters", {})
+    raw = params.get("shed_margin_us", {}).get("string_value", "")
+    if not raw:
+        return deadline.DEFAULT_MARGIN_US
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 60e6:
+        raise ConfigError(f"config parameter shed_margin_us={raw!r}: give 0..60000000 microseconds")
+    return value

@@ -25,15 +25,18 @@ still reports it READY (:data:`_DEAD_STUB`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from setsuna import deadline
 from setsuna.errors import (
     ConfigError,
     DeadlineError,
@@ -69,6 +72,10 @@ class ClientSettings:
     backoff_initial_ms: float = 1.0
     backoff_max_ms: float = 20.0
     connect_timeout_ms: float = 2_000.0
+    #: Calls this client lets be in flight at once (0: no limit). One more fails at
+    #: once with a retryable OverloadedError instead of queueing behind the others:
+    #: admission control, so a burst cannot grow the server's queue without bound.
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:
         if not self.deadline_ms > 0:
@@ -82,6 +89,8 @@ class ClientSettings:
             )
         if not self.connect_timeout_ms > 0:
             raise ConfigError(f"connect_timeout_ms={self.connect_timeout_ms}: give > 0")
+        if not 0 <= self.max_in_flight <= 1_000_000:
+            raise ConfigError(f"max_in_flight={self.max_in_flight}: give 0 (no limit) or more")
 
     def backoff_s(self, attempt: int) -> float:
         return min(self.backoff_initial_ms * 2.0**attempt, self.backoff_max_ms) / 1e3
@@ -184,6 +193,8 @@ def translate(exc: BaseException, model: str) -> ServingError:
     status = str(getattr(exc, "status", lambda: "")() or "").upper()
     text = f"{status} {exc}".lower()
     where = f"{model}: {exc}"
+    if deadline.SHED_MARK in text:  # the backend shed it unseen: retryable overload
+        return OverloadedError(where)
     if "deadline" in text or isinstance(exc, TimeoutError) or "timed out" in text:
         return DeadlineError(f"{where}; no answer within the deadline: raise deadline_ms")
     if any(s in text for s in _OVERLOADED):
@@ -222,6 +233,8 @@ class _Core:
         self.models: dict[tuple[str, str], ModelInfo] = {}
         self._ids = itertools.count(1)
         self._prefix = f"{time.monotonic_ns():x}-"
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
         if protocol == "grpc":
             import tritonclient.grpc as mod
         else:
@@ -248,6 +261,35 @@ class _Core:
 
     def request_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
+
+    @contextlib.contextmanager
+    def admitted(self, model: str) -> Iterator[None]:
+        """Count one call in flight, or refuse it at once past ``max_in_flight``."""
+        limit = self.settings.max_in_flight
+        with self._in_flight_lock:
+            if limit and self._in_flight >= limit:
+                raise OverloadedError(
+                    f"{model}: {self._in_flight} calls already in flight from this client "
+                    f"(max_in_flight={limit}); refused without sending: retry later or "
+                    "raise max_in_flight"
+                )
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    @staticmethod
+    def call_options(left_s: float) -> dict[str, Any]:
+        """What every request carries of the caller's budget (see :mod:`setsuna.deadline`).
+
+        ``parameters``: the absolute deadline, which setsuna's backends read to
+        shed what they cannot answer in time; ``timeout``: Triton's own
+        per-request timeout in microseconds, which BLS models read to bound
+        their downstream calls.
+        """
+        return {"parameters": deadline.parameters(left_s), "timeout": max(1, int(left_s * 1e6))}
 
     def budget_ms(self, deadline_ms: float | None) -> float:
         budget = self.settings.deadline_ms if deadline_ms is None else float(deadline_ms)
@@ -396,24 +438,26 @@ class Client:
         request_id = core.request_id()
         grpc = core.protocol == "grpc"
         attempt = 0
-        while True:
-            left_s = core.time_left_s(model, budget_ms, start)
-            # HTTP's timeout is the connection's, set once from settings.deadline_ms.
-            timeout = {"client_timeout": left_s} if grpc else {}
-            try:
-                result = self._stub.infer(
-                    model,
-                    inputs,
-                    model_version=version,
-                    outputs=requested,
-                    request_id=request_id,
-                    **timeout,
-                )
-                return core.prediction(result, wanted, request_id, attempt + 1)
-            except Exception as exc:  # translated at this boundary
-                wait_s = core.retry_wait_s(exc, model, attempt, budget_ms, start)
-            time.sleep(wait_s)
-            attempt += 1
+        with core.admitted(model):
+            while True:
+                left_s = core.time_left_s(model, budget_ms, start)
+                # HTTP's timeout is the connection's, set once from settings.deadline_ms.
+                timeout = {"client_timeout": left_s} if grpc else {}
+                try:
+                    result = self._stub.infer(
+                        model,
+                        inputs,
+                        model_version=version,
+                        outputs=requested,
+                        request_id=request_id,
+                        **timeout,
+                        **core.call_options(left_s),
+                    )
+                    return core.prediction(result, wanted, request_id, attempt + 1)
+                except Exception as exc:  # translated at this boundary
+                    wait_s = core.retry_wait_s(exc, model, attempt, budget_ms, start)
+                time.sleep(wait_s)
+                attempt += 1
 
     # -- readiness and statistics -----------------------------------------------------
 
@@ -532,22 +576,24 @@ class AsyncClient:
         wanted = [r.name() for r in requested]
         request_id = core.request_id()
         attempt = 0
-        while True:
-            left_s = core.time_left_s(model, budget_ms, start)
-            try:
-                call = self._stub.infer(
-                    model,
-                    inputs,
-                    model_version=version,
-                    outputs=requested,
-                    request_id=request_id,
-                )
-                result = await asyncio.wait_for(call, timeout=left_s)
-                return core.prediction(result, wanted, request_id, attempt + 1)
-            except Exception as exc:  # translated at this boundary
-                wait_s = core.retry_wait_s(exc, model, attempt, budget_ms, start)
-            await asyncio.sleep(wait_s)
-            attempt += 1
+        with core.admitted(model):
+            while True:
+                left_s = core.time_left_s(model, budget_ms, start)
+                try:
+                    call = self._stub.infer(
+                        model,
+                        inputs,
+                        model_version=version,
+                        outputs=requested,
+                        request_id=request_id,
+                        **core.call_options(left_s),
+                    )
+                    result = await asyncio.wait_for(call, timeout=left_s)
+                    return core.prediction(result, wanted, request_id, attempt + 1)
+                except Exception as exc:  # translated at this boundary
+                    wait_s = core.retry_wait_s(exc, model, attempt, budget_ms, start)
+                await asyncio.sleep(wait_s)
+                attempt += 1
 
     async def server_ready(self) -> bool:
         try:
