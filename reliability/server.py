@@ -45,9 +45,7 @@ def start_main(lab: Lab) -> LocalTriton:
     for name in ("echo", "victim"):
         models.python_model(repo, name)
     models.python_model(repo, "wide", n=WIDE)
-    built = models.logistic_models(
-        lab.path("main", "built"), {"logit": LOGIT_W}, ServingSpec(queue_timeout_us=5_000_000)
-    )
+    built = models.logistic_models(lab.path("main", "built"), {"logit": LOGIT_W}, ServingSpec())
     (built / "logit").rename(repo / "logit")
     models.python_model(repo, "garbled")
     (repo / "garbled" / "config.pbtxt").write_text('name: "garbled"\nbackend: "python"\n}}{{\n')
