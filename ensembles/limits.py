@@ -8,6 +8,9 @@ Read from the model's ``config.pbtxt`` parameters (units in the names)::
     watch_interval_ms    100       how often each instance looks at its watched file
     max_overdue_calls    4         calls to one model past their timeout and not back yet,
                                    beyond which the next call to it fails at once
+    cache_max_bytes      0         the routers' answer cache of each instance, in bytes
+                                   (0: no cache; see :mod:`ensembles.cache`)
+    cache_ttl_ms         60000     how long a cached answer is served (0: no cache)
 
 A downstream call waits at most the request's own timeout (Triton's
 per-request ``timeout``, in microseconds: ``tritonclient``'s ``infer(...,
@@ -26,10 +29,18 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Final
 
 from ensembles import keys
 from setsuna.errors import ConfigError
+
+#: The answer cache is off unless a model's config turns it on: a row of market
+#: features rarely repeats bit for bit, and a miss costs its row's bytes() and a
+#: dict insert (see the Ensembles section of docs/architecture.md for figures).
+DEFAULT_CACHE_MAX_BYTES: Final = 0
+#: Long enough for bursts of the same row (fan-out, retries), short enough that
+#: a cached answer never outlives the minute it was computed in.
+DEFAULT_CACHE_TTL_MS: Final = 60_000.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class Limits:
     bls_timeout_ms: float = 1000.0
     watch_interval_ms: float = 100.0
     max_overdue_calls: int = 4
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES
+    cache_ttl_ms: float = DEFAULT_CACHE_TTL_MS
 
     def __post_init__(self) -> None:
         rules: dict[str, tuple[Any, str]] = {
@@ -47,12 +60,15 @@ class Limits:
             "bls_timeout_ms": (lambda v: 0 < v <= 3_600_000, "milliseconds in (0, 3600000]"),
             "watch_interval_ms": (lambda v: 1 <= v <= 60_000, "milliseconds in [1, 60000]"),
             "max_overdue_calls": (lambda v: v >= 1, "a whole number >= 1"),
+            "cache_max_bytes": (lambda v: v >= 0, "a whole number of bytes >= 0 (0: off)"),
+            "cache_ttl_ms": (lambda v: 0 <= v <= 86_400_000, "milliseconds in [0, 86400000]"),
         }
         for name, (ok, want) in rules.items():
             v = getattr(self, name)
             whole = isinstance(v, int) and not isinstance(v, bool)
             number = whole or (isinstance(v, float) and math.isfinite(v))
-            if not number or (name.startswith("max_") and not whole) or not ok(v):
+            counted = name.startswith("max_") or name.endswith("_bytes")
+            if not number or (counted and not whole) or not ok(v):
                 raise ConfigError(f"{name}={v!r}: give {want}")
 
     @classmethod

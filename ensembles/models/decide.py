@@ -8,6 +8,11 @@ no event loop per request. A shadow model, if the experiment names one, is
 still called through BLS (synchronously, after the arms, timed out like any
 downstream call: its time is added to the answer's; the router proper
 overlaps it instead).
+
+With the answer cache on (``cache_max_bytes``, ``cache_ttl_ms``: see
+:mod:`ensembles.cache`), the rows it holds skip the engines and only the
+missed rows of each arm are predicted (one call per arm); the signal is
+applied to every row, cached or not, with this version's thresholds.
 """
 
 from __future__ import annotations

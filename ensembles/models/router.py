@@ -20,6 +20,14 @@ engine (:mod:`ensembles.cycles`), or (``decide``) when an arm cannot load.
 Every downstream call is timed out (:mod:`ensembles.limits`); keys are
 bounded in length and their memo in bytes (:mod:`ensembles.keys`).
 
+With ``cache_max_bytes`` and ``cache_ttl_ms`` set, each instance remembers
+the arms' scores per row (:mod:`ensembles.cache`, keyed by the experiment in
+force, the arm's ``model:version`` and the row's bytes): cached rows are
+filled in, and only the missed rows of an arm go to it (one call for all of
+them). The shadow still gets the whole batch. Counted per instance:
+``setsuna_router_cache_{hits,misses,clears}_total`` and the gauge
+``setsuna_router_cache_bytes{stat="now"|"peak"}``.
+
 Config parameters: ``experiment_file`` (required; absolute or relative to
 the model folder), ``shadow_log`` (JSON lines; default: no log, counts
 only), ``allow_nan`` (default false), ``in_process`` (default false), and
@@ -33,6 +41,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,6 +50,7 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from ensembles import cycles, experiment, keys, names, signal
+from ensembles.cache import ScoreCache, row_keys
 from ensembles.limits import Limits
 from ensembles.models import common
 from ensembles.watch import Change, Poller, Watched, shared_copy
@@ -94,6 +104,15 @@ class Batch:
     score: Any = None
     failed: dict[int, str] = field(default_factory=dict)
     timeout: common.Timeout = (1.0, "bls_timeout_ms")
+    # The rows each arm must compute (all of its rows, less those the cache answered;
+    # an arm the cache answered entirely is absent) and, with the cache on, their keys.
+    todo: dict[int, Any] = field(default_factory=dict)
+    todo_keys: dict[int, list[bytes]] = field(default_factory=dict)
+
+    def part(self, a: int) -> Any:
+        """The features of the rows arm ``a`` must compute."""
+        rows = self.todo[a]
+        return self.x if len(rows) == len(self.x) else self.x[rows]
 
 
 class RouterBase:
@@ -168,6 +187,10 @@ class RouterBase:
         self._cache_peak = self._cache_family.Metric(labels={**mine, "stat": "peak"})
         self._clears = self._clears_family.Metric(labels=mine)
         self._published = (0, 0, 0)
+        self.cache = ScoreCache(self.limits.cache_max_bytes, self.limits.cache_ttl_ms)
+        self._cache_published = (0, 0, 0, 0, 0)
+        if self.cache.on:
+            self._cache_metrics(mine)
         self._metrics: dict[tuple[str, ...], Any] = {}
         self._row_counts = common.Counters(self._rows, {"router": self.name})
         self._shadow_counts = common.Counters(self._shadow, {"router": self.name})
@@ -178,6 +201,36 @@ class RouterBase:
             self.limits.watch_interval_ms / 1e3,
             lambda exc: self.logger.log_error(f"{self.name}: watching failed: {exc}"),
             name=f"{self.name}-watch",
+        )
+
+    def _cache_metrics(self, mine: dict[str, str]) -> None:
+        """The answer cache's series (families kept: the stub deletes metrics with them)."""
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self._answer_families = [
+            pb_utils.MetricFamily(
+                name=f"setsuna_router_cache_{what}_total", description=text, kind=counter
+            )
+            for what, text in (
+                ("hits", "Rows answered from the answer cache, per instance"),
+                ("misses", "Rows looked up in the answer cache and computed, per instance"),
+                ("clears", "Times the answer cache was full and dropped, per instance"),
+            )
+        ]
+        self._answer_families.append(
+            pb_utils.MetricFamily(
+                name="setsuna_router_cache_bytes",
+                description="Bytes held by the answer cache, per instance (never above "
+                "cache_max_bytes): now and at most",
+                kind=gauge,
+            )
+        )
+        hits, misses, clears, size = self._answer_families
+        self._answer_metrics = (
+            hits.Metric(labels=mine),
+            misses.Metric(labels=mine),
+            clears.Metric(labels=mine),
+            size.Metric(labels={**mine, "stat": "now"}),
+            size.Metric(labels={**mine, "stat": "peak"}),
         )
 
     def _loads(self, data: bytes, origin: str) -> experiment.Experiment:
@@ -216,7 +269,7 @@ class RouterBase:
                 self._took_effect()
 
     def _tick(self) -> None:
-        """The watcher thread: the file, then the key memo's figures when they moved."""
+        """The watcher thread: the file, then the memo's and cache's figures when they moved."""
         self._poll()
         k = self.keys
         now = (k.bytes, k.peak, k.clears)
@@ -226,6 +279,22 @@ class RouterBase:
             if now[2] > self._published[2]:
                 self._clears.increment(now[2] - self._published[2])
             self._published = now
+        if self.cache.on:
+            self._push_cache()
+
+    def _push_cache(self) -> None:
+        c = self.cache
+        now = (c.hits, c.misses, c.clears, c.bytes, c.peak)
+        if now == self._cache_published:
+            return
+        hits, misses, clears, size, peak = self._answer_metrics
+        counts = zip((hits, misses, clears), now[:3], self._cache_published[:3], strict=True)
+        for metric, new, old in counts:
+            if new > old:
+                metric.increment(new - old)
+        size.set(now[3])
+        peak.set(now[4])
+        self._cache_published = now
 
     def _arms(self, exp: experiment.Experiment, request: Any, rows: int) -> I16:
         params = common.request_parameters(request)
@@ -279,15 +348,39 @@ class RouterBase:
         b.rows_of = {a: np.flatnonzero(b.arm == a) for a in b.used}
         b.score = np.empty((len(b.x), 1), dtype=np.float32)
         b.timeout = common.timeout_of([requests[i] for i in b.kept], self.limits)
+        if self.cache.on:
+            self._from_cache(b)
+        else:
+            b.todo = b.rows_of
         return b
+
+    def _from_cache(self, b: Batch) -> None:
+        """Fill in the rows the cache holds; leave the others (and their keys) to compute."""
+        rows = row_keys(b.x)
+        for a in b.used:
+            where = b.rows_of[a]
+            row_bytes = rows.tolist() if len(b.used) == 1 else rows[where].tolist()
+            hit, scores = self.cache.lookup(b.exp, b.exp.targets[a].label, row_bytes)
+            if not len(scores):
+                b.todo[a], b.todo_keys[a] = where, row_bytes
+                continue
+            b.score[where[hit]] = scores.reshape(-1, 1)
+            if len(scores) < len(row_bytes):
+                miss = ~hit
+                b.todo[a], b.todo_keys[a] = where[miss], list(compress(row_bytes, miss))
+
+    def _to_cache(self, b: Batch) -> None:
+        """Remember what the arms computed for this batch (an arm that failed: nothing)."""
+        for a, row_bytes in b.todo_keys.items():
+            if a not in b.failed:
+                self.cache.store(b.exp, b.exp.targets[a].label, row_bytes, b.score[b.todo[a]])
 
     def score_in_process(self, b: Batch) -> None:
         """Run each arm's rows through its in-process engine."""
         assert self.arms is not None
-        for a in b.used:
-            part = b.x if len(b.used) == 1 else b.x[b.rows_of[a]]
+        for a, rows in b.todo.items():
             try:
-                b.score[b.rows_of[a]] = self.arms.predict(b.exp.targets[a], part)
+                b.score[rows] = self.arms.predict(b.exp.targets[a], b.part(a))
             except Exception as exc:  # an engine failure fails its rows, visibly
                 label = b.exp.targets[a].label
                 b.failed[a] = f"{self.name}: arm {b.exp.arms[a]!r}: {label}: {exc}"
@@ -307,10 +400,11 @@ class RouterBase:
             "model": common.labels(tuple(t.label for t in exp.targets), arm),
             "experiment_version": np.full((len(x), 1), exp.version, dtype=np.int32),
         }
+        failed = np.zeros(len(x), dtype=bool)
+        for a in b.failed:  # the rows an arm failed to compute: their requests fail
+            failed[b.todo[a]] = True
         if self.thresholds is not None:
-            ok = np.ones(len(x), dtype=bool)
-            for a in b.failed:  # failed rows get no decision (their requests fail)
-                ok[b.rows_of[a]] = False
+            ok = ~failed  # failed rows get no decision
             try:
                 c, f = signal.decide(b.score if not b.failed else b.score[ok], self.thresholds)
             except SetsunaError as exc:  # an arm answered outside [0, 1]: fail, never trade
@@ -322,14 +416,12 @@ class RouterBase:
             else:
                 code, conf = c.reshape(-1, 1), f.reshape(-1, 1)
             outputs.update(signal=code, confidence=conf, policy=common.constant(self.label, len(x)))
+        if b.todo_keys:  # answers only: after the arms and the signal accepted them
+            self._to_cache(b)
         for i, sl in zip(b.kept, common.split(len(x), b.sizes), strict=True):
-            bad = (
-                next((b.failed[a] for a in np.unique(arm[sl]).tolist() if a in b.failed), None)
-                if b.failed
-                else None
-            )
-            if bad is not None:
-                b.responses[i] = common.failure(bad)
+            if b.failed and failed[sl].any():
+                first = int(np.flatnonzero(failed[sl])[0])
+                b.responses[i] = common.failure(b.failed[int(arm[sl][first])])
                 continue
             # Only what the caller asked for: each output tensor costs a shared-memory
             # allocation and copy in the Python backend (a string one, serialisation too).
@@ -393,21 +485,14 @@ class TritonPythonModel(RouterBase):
             shadow = asyncio.ensure_future(self.calls.call(exp.shadow, x, b.timeout))
         if self.arms is not None:
             self.score_in_process(b)
-        else:
+        elif b.todo:  # one call per arm for its rows the cache did not answer
             answers = await asyncio.gather(
-                *(
-                    self.calls.call(
-                        exp.targets[a], x if len(b.used) == 1 else x[b.rows_of[a]], b.timeout
-                    )
-                    for a in b.used
-                ),
+                *(self.calls.call(exp.targets[a], b.part(a), b.timeout) for a in b.todo),
                 return_exceptions=True,
             )
-            for a, answer in zip(b.used, answers, strict=True):
+            for (a, rows), answer in zip(b.todo.items(), answers, strict=True):
                 try:
-                    b.score[b.rows_of[a]] = common.bls_score(
-                        answer, exp.targets[a], len(b.rows_of[a])
-                    )
+                    b.score[rows] = common.bls_score(answer, exp.targets[a], len(rows))
                 except common.DownstreamError as exc:
                     b.failed[a] = f"{self.name}: arm {exp.arms[a]!r}: {exc}"
         shadow_answer: Any = None
