@@ -18,7 +18,14 @@ a sweep must record a failure and go on. Measured pitfalls it handles:
   after which its process group is killed;
 * its default ``random`` input is ONE tensor reused, so with the response
   cache on every request is a hit: pass ``input_data`` (a JSON file of many
-  distinct rows, :func:`write_input_json`) for miss figures.
+  distinct rows, :func:`write_input_json`) for miss figures;
+* percentiles hide a rare slow request (one in a few thousand is past p99.9):
+  every run also writes ``--profile-export-file``, the send and response
+  time of every request of every window (the unstable ones too), and
+  :func:`parse_profile_export` counts the requests slower than
+  :data:`STALL_LATENCY_US` (:attr:`RunResult.requests`). The file holds each
+  response's raw output bytes inside JSON strings (not UTF-8), so it is read
+  as Latin-1. A run that fails (unstable, refused request) writes none.
 
 Latencies are microseconds, per request (a request carries ``batch_size``
 rows); throughput is rows ("inferences") per second.
@@ -56,6 +63,15 @@ DEFAULT_TOOL_DIR: Final = Path(__file__).resolve().parent.parent / ".cache" / "p
 TOOL_DIR_ENV: Final = "PERF_ANALYZER_DIR"
 SETUP_HINT: Final = "run `make perf-setup` (perf/setup_perf_analyzer.sh)"
 _TAIL_CHARS: Final = 2000
+#: A request slower than this is a stall. Healthy requests here take 0.3-50 ms even
+#: on a busy host; Triton 2.51's dynamic batcher, when it misses a wake-up, answers
+#: after its idle sleep of 500 ms (``default_wait_microseconds``; measured 500.7-509 ms).
+STALL_LATENCY_US: Final = 400_000.0
+#: Triton's refusal of a request that waited past a queue policy's timeout: how a
+#: stall shows when the model has one (perf_analyzer then stops the run, no export).
+QUEUE_TIMEOUT_MESSAGE: Final = "Request timeout expired"
+#: Stall latencies kept per run (the slowest), for the report.
+_STALLS_KEPT: Final = 10
 
 
 class PerfAnalyzerError(SetsunaError):
@@ -139,6 +155,9 @@ class RunSpec:
     headers: Mapping[str, str] = field(default_factory=dict)
     #: Request parameters (``--request-parameter name:value:string``), e.g. a sticky key.
     parameters: Mapping[str, str] = field(default_factory=dict)
+    #: Write ``--profile-export-file`` and count the requests over ``stall_latency_us``.
+    export_profile: bool = True
+    stall_latency_us: float = STALL_LATENCY_US
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -151,9 +170,14 @@ class RunSpec:
             )
         if not 0 < self.stability_pct <= 100 or not self.timeout_s > 0:
             raise PerfAnalyzerError("stability_pct must be in (0, 100] and timeout_s > 0")
+        if not self.stall_latency_us > 0:
+            raise PerfAnalyzerError("stall_latency_us must be > 0")
 
-    def args(self, csv_path: Path) -> list[str]:
-        """The command line after the binary, writing the CSV report to ``csv_path``."""
+    def args(self, csv_path: Path, export_path: Path | None = None) -> list[str]:
+        """The command line after the binary, writing the CSV report to ``csv_path``.
+
+        ``export_path``: where ``--profile-export-file`` goes (omitted when None).
+        """
         out = [
             "-m",
             self.model,
@@ -179,6 +203,8 @@ class RunSpec:
             str(csv_path),
             "--verbose-csv",
         ]
+        if export_path is not None:
+            out += ["--profile-export-file", str(export_path)]
         for key, value in self.parameters.items():
             out += ["--request-parameter", f"{key}:{value}:string"]
         if self.protocol == "http":
@@ -336,6 +362,81 @@ def parse_server_counts(stdout: str) -> ServerCounts:
 
 
 @dataclass(frozen=True)
+class RequestStats:
+    """Every request of a run, from perf_analyzer's ``--profile-export-file``.
+
+    ``requests`` counts the requests exported (every window, the unstable
+    ones too; perf_analyzer's percentiles cover only the last stable ones);
+    ``stalls`` those slower than ``stall_latency_us``, whose latencies (the
+    slowest :data:`_STALLS_KEPT`) are in ``stall_latencies_us``;
+    ``unanswered`` those with no response; ``span_s`` from the first send to
+    the last response. Latencies are send to last response, microseconds.
+    """
+
+    requests: int
+    stalls: int
+    stall_latency_us: float
+    max_latency_us: float | None
+    unanswered: int = 0
+    span_s: float = 0.0
+    stall_latencies_us: tuple[float, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "stalls": self.stalls,
+            "stall_latency_us": self.stall_latency_us,
+            "max_latency_us": self.max_latency_us,
+            "unanswered": self.unanswered,
+            "span_s": round(self.span_s, 3),
+            "stall_latencies_us": list(self.stall_latencies_us),
+        }
+
+
+def parse_profile_export(
+    data: bytes | str, *, stall_latency_us: float = STALL_LATENCY_US
+) -> RequestStats:
+    """Count the stalls in a ``--profile-export-file`` (PerfAnalyzerError if it is not one).
+
+    The 2.47 format: ``{"experiments": [{"experiment": {...}, "requests": [{"timestamp":
+    ns, "response_timestamps": [ns, ...], ...}], "window_boundaries": [ns, ...]}],
+    "version": ...}``, every experiment (concurrency level) of the run.
+    """
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    try:
+        doc = json.loads(text)
+        experiments = doc["experiments"]
+        requests = [r for e in experiments for r in e["requests"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PerfAnalyzerError(f"not a perf_analyzer profile export: {exc}") from exc
+    latencies: list[float] = []
+    unanswered = 0
+    first, last = math.inf, -math.inf
+    for n, r in enumerate(requests):
+        try:
+            sent = int(r["timestamp"])
+            answers = [int(t) for t in r.get("response_timestamps") or ()]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PerfAnalyzerError(f"profile export request {n} is malformed: {exc}") from exc
+        first = min(first, sent)
+        if not answers:
+            unanswered += 1
+            continue
+        last = max(last, answers[-1])
+        latencies.append((answers[-1] - sent) / 1000)
+    stalls = sorted((x for x in latencies if x > stall_latency_us), reverse=True)
+    return RequestStats(
+        requests=len(requests),
+        stalls=len(stalls),
+        stall_latency_us=stall_latency_us,
+        max_latency_us=max(latencies, default=None),
+        unanswered=unanswered,
+        span_s=(last - first) / 1e9 if latencies else 0.0,
+        stall_latencies_us=tuple(stalls[:_STALLS_KEPT]),
+    )
+
+
+@dataclass(frozen=True)
 class RunResult:
     """What one invocation gave: a row when ``status == "ok"``, else why not."""
 
@@ -349,10 +450,31 @@ class RunResult:
     command: tuple[str, ...] = ()
     #: The end of perf_analyzer's stdout+stderr, for a human reading a failure.
     output_tail: str = ""
+    #: Every request's latency from the profile export; None when there is none
+    #: (``export_profile`` off, or a failed run: perf_analyzer writes it only on success).
+    requests: RequestStats | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == "ok" and self.row is not None
+
+    @property
+    def queue_timeout(self) -> bool:
+        """Whether Triton refused a request for waiting past a queue policy's timeout."""
+        return QUEUE_TIMEOUT_MESSAGE in self.message
+
+    @property
+    def stalls(self) -> int:
+        """Requests that stalled: slower than the threshold, or refused by a queue timeout.
+
+        A refused request stops perf_analyzer's run (no export): it counts as one.
+        """
+        slow = self.requests.stalls if self.requests is not None else 0
+        return slow + (1 if self.queue_timeout else 0)
+
+    @property
+    def max_latency_us(self) -> float | None:
+        return None if self.requests is None else self.requests.max_latency_us
 
     def to_json(self) -> dict[str, Any]:
         s = self.spec
@@ -370,16 +492,26 @@ class RunResult:
             "message": self.message,
             "command": list(self.command),
             "output_tail": self.output_tail,
+            "requests": None if self.requests is None else self.requests.to_json(),
+            "stalls": self.stalls,
+            "queue_timeout": self.queue_timeout,
         }
 
 
-def run(binary: Binary, spec: RunSpec, *, csv_path: Path | None = None) -> RunResult:
+def run(
+    binary: Binary,
+    spec: RunSpec,
+    *,
+    csv_path: Path | None = None,
+    export_path: Path | None = None,
+) -> RunResult:
     """Run one measurement, bounded by ``spec.timeout_s``; never raises for a bad run.
 
-    ``csv_path`` keeps the raw CSV (default: a temporary file, removed).
+    ``csv_path`` keeps the raw CSV, ``export_path`` the profile export (default:
+    temporary files, removed; an export is MBs: ~150 bytes per request).
     """
-    with _csv_target(csv_path) as target:
-        command = (str(binary.path), *spec.args(target))
+    with _csv_target(csv_path) as target, _export_target(spec, export_path) as export:
+        command = (str(binary.path), *spec.args(target, export))
         began = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -425,7 +557,15 @@ def run(binary: Binary, spec: RunSpec, *, csv_path: Path | None = None) -> RunRe
             return bad("failed", 0, str(exc))
         if len(rows) != 1:
             return bad("failed", 0, f"expected one CSV row, got {len(rows)}")
-        return RunResult(spec, "ok", 0, elapsed, rows[0], counts, "", command, _tail(out))
+        stats, note = None, ""
+        if export is not None:
+            try:
+                stats = parse_profile_export(
+                    export.read_bytes(), stall_latency_us=spec.stall_latency_us
+                )
+            except (OSError, PerfAnalyzerError) as exc:
+                note = f"stall check unavailable: profile export unreadable: {exc}"
+        return RunResult(spec, "ok", 0, elapsed, rows[0], counts, note, command, _tail(out), stats)
 
 
 _THREAD_ERROR: Final = re.compile(r"Thread \[\d+\] had error: (.*)")
@@ -460,6 +600,20 @@ def _csv_target(path: Path | None) -> Iterator[Path]:
         yield Path(tmp) / "report.csv"
 
 
+@contextlib.contextmanager
+def _export_target(spec: RunSpec, path: Path | None) -> Iterator[Path | None]:
+    if not spec.export_profile:
+        yield None
+        return
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="setsuna-pa-export-") as tmp:
+        yield Path(tmp) / "profile.json"
+
+
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
@@ -484,7 +638,8 @@ def write_input_json(
     """Write rows as perf_analyzer ``--input-data`` JSON: one batch-1 entry per row.
 
     Each entry is the row flattened (a fixed-shape input takes a flat list);
-    9 significant digits round-trip float32 exactly. perf_analyzer cycles
+    9 significant digits round-trip float32 exactly, and a whole value keeps its
+    decimal point (perf_analyzer refuses ``4242`` for FP32). perf_analyzer cycles
     through the entries, and a ``-b N`` request takes N consecutive ones.
     ``strings`` adds BYTES inputs of shape [1], one value per row (a sticky key).
     """
@@ -507,11 +662,21 @@ def write_input_json(
     with path.open("w") as f:
         f.write('{"data": [\n')
         for i, row in enumerate(flat):
-            values = ",".join(f"{v:.9g}" for v in row.tolist())
+            values = ",".join(_json_float(v) for v in row.tolist())
             more = "".join(f", {json.dumps(k)}: [{json.dumps(v[i])}]" for k, v in extra.items())
             f.write(f"{',' if i else ''}{{{name}: [{values}]{more}}}\n")
         f.write("]}\n")
     return path
+
+
+def _json_float(v: float) -> str:
+    """``v`` as a JSON number perf_analyzer reads as FP32: ``4242.0``, never ``4242``.
+
+    perf_analyzer refuses an integer-looking number for an FP32 input ("unable to
+    find float data in json"), so a whole value keeps its decimal point.
+    """
+    text = f"{v:.9g}"
+    return text if any(ch in text for ch in ".e") else text + ".0"
 
 
 def summarize(results: Sequence[RunResult]) -> str:
@@ -522,7 +687,19 @@ def summarize(results: Sequence[RunResult]) -> str:
             lines.append(
                 f"{r.spec.label():<28} {r.row.throughput_infer_s:>10.0f} infer/s  "
                 f"p50 {r.row.p50_us / 1000:.2f} ms  p99 {r.row.p99_us / 1000:.2f} ms"
+                + _stall_text(r)
             )
         else:
             lines.append(f"{r.spec.label():<28} {r.status}: {r.message[-200:]}")
     return "\n".join(lines)
+
+
+def _stall_text(r: RunResult) -> str:
+    q = r.requests
+    if q is None:
+        return "  (no export: stalls not checked)" if r.spec.export_profile else ""
+    top = "-" if q.max_latency_us is None else f"{q.max_latency_us / 1000:.1f}"
+    text = f"  max {top} ms in {q.requests:,} req"
+    if q.stalls:
+        text += f"  STALLS {q.stalls} (> {q.stall_latency_us / 1000:g} ms)"
+    return text

@@ -4,8 +4,15 @@ The fixtures under ``data/`` are files the ``tritonclient==2.47.0``
 perf_analyzer wrote here (lightgbm example model, local Triton 2.51):
 ``--verbose-csv`` reports over gRPC and HTTP, the stdout of the same gRPC
 run, a run where every request was a response-cache hit, and a run whose
-requests were rejected by the queue timeout. The live tests need the binary
-(``make perf-setup``) and the wheel's ``tritonserver``; they skip otherwise.
+requests were rejected by the queue timeout. Two ``--profile-export-file``
+exports come from an identity Python model with dynamic batching, one
+instance, c=1 over gRPC: ``grpc_c1_export_ok.json`` (no queue policy, a whole
+120-request run, 0 stalls) and ``grpc_c1_export_stalls.json`` (with
+``default_queue_policy { max_queue_size: 4096 }``: the first 80 requests of a
+10,000-request run that had 143 stalls of 500.7-508.7 ms; 7 in these 80). Both
+hold raw output bytes in their JSON strings, as perf_analyzer writes them.
+The live tests need the binary (``make perf-setup``) and the wheel's
+``tritonserver``; they skip otherwise.
 """
 
 from __future__ import annotations
@@ -80,6 +87,68 @@ def test_explain_collapses_per_thread_errors() -> None:
     assert text.count("Request timeout expired") == 1
 
 
+def test_profile_export_counts_every_request_over_the_threshold() -> None:
+    raw = (DATA / "grpc_c1_export_stalls.json").read_bytes()
+    with pytest.raises(UnicodeDecodeError):
+        raw.decode("utf-8")  # raw FP32 output bytes: read as Latin-1
+    q = pa.parse_profile_export(raw)
+    assert (q.requests, q.stalls, q.unanswered) == (80, 7, 0)
+    assert q.max_latency_us == pytest.approx(508733.102)
+    assert q.stall_latencies_us[0] == q.max_latency_us
+    assert list(q.stall_latencies_us) == sorted(q.stall_latencies_us, reverse=True)
+    assert min(q.stall_latencies_us) > 500_000  # the batcher's 500 ms sleep
+    assert q.span_s == pytest.approx(3.599, abs=0.001)
+    assert q.to_json()["stalls"] == 7
+
+
+def test_profile_export_of_a_healthy_run() -> None:
+    q = pa.parse_profile_export((DATA / "grpc_c1_export_ok.json").read_bytes())
+    assert (q.requests, q.stalls, q.stall_latencies_us) == (120, 0, ())
+    assert q.max_latency_us == pytest.approx(1329.351)
+    strict = pa.parse_profile_export(
+        (DATA / "grpc_c1_export_ok.json").read_bytes(), stall_latency_us=500
+    )
+    assert 0 < strict.stalls < strict.requests  # the threshold is the caller's
+
+
+def test_profile_export_malformed_or_unanswered() -> None:
+    with pytest.raises(pa.PerfAnalyzerError, match="profile export"):
+        pa.parse_profile_export(b"Concurrency,Inferences/Second\n")
+    with pytest.raises(pa.PerfAnalyzerError, match="request 0"):
+        pa.parse_profile_export('{"experiments": [{"requests": [{"response_timestamps": []}]}]}')
+    doc = {
+        "experiments": [
+            {"requests": [{"timestamp": 0, "response_timestamps": [500_000_000]}]},
+            {"requests": [{"timestamp": 10, "response_timestamps": []}]},
+        ]
+    }
+    q = pa.parse_profile_export(json.dumps(doc))
+    assert (q.requests, q.stalls, q.unanswered, q.max_latency_us) == (2, 1, 1, 500_000)
+
+
+def _result(message: str = "", stats: pa.RequestStats | None = None) -> pa.RunResult:
+    spec = pa.RunSpec("m", "127.0.0.1:1")
+    if message:
+        return pa.RunResult(spec, "failed", 1, 1.0, message=message)
+    row = pa.LatencyRow(1, 2000.0, 400, 500, 550, 600)
+    return pa.RunResult(spec, "ok", 0, 1.0, row, requests=stats)
+
+
+def test_run_result_stalls_from_export_or_queue_timeout() -> None:
+    slow = pa.parse_profile_export((DATA / "grpc_c1_export_stalls.json").read_bytes())
+    stalled = _result(stats=slow)
+    assert stalled.ok and stalled.stalls == 7 and stalled.max_latency_us == slow.max_latency_us
+    assert "STALLS 7" in pa.summarize([stalled])
+    refused = _result(message=pa.explain(_read("grpc_c32_queue_timeout_stdout.txt")))
+    assert refused.queue_timeout and refused.stalls == 1 and refused.requests is None
+    healthy = _result(stats=pa.parse_profile_export((DATA / "grpc_c1_export_ok.json").read_bytes()))
+    assert healthy.stalls == 0 and "STALLS" not in pa.summarize([healthy])
+    assert "stalls not checked" in pa.summarize([_result()])
+    doc = stalled.to_json()
+    assert doc["stalls"] == 7 and doc["requests"]["requests"] == 80
+    assert refused.to_json()["queue_timeout"] is True
+
+
 def test_runspec_command_line(tmp_path: Path) -> None:
     data = tmp_path / "rows.json"
     grpc = pa.RunSpec("m", "127.0.0.1:1", "grpc", concurrency=8, batch_size=4, input_data=data)
@@ -89,6 +158,9 @@ def test_runspec_command_line(tmp_path: Path) -> None:
     assert args[args.index("-b") + 1] == "4"
     assert args[args.index("--input-data") + 1] == str(data)
     assert "--verbose-csv" in args and "--input-tensor-format" not in args
+    assert "--profile-export-file" not in args
+    exported = grpc.args(tmp_path / "out.csv", tmp_path / "export.json")
+    assert exported[exported.index("--profile-export-file") + 1] == str(tmp_path / "export.json")
     http = pa.RunSpec("m", "127.0.0.1:1", "http", headers={"k": "v"})
     hargs = http.args(tmp_path / "out.csv")
     assert hargs[hargs.index("--input-data") + 1] == "random"
@@ -96,6 +168,8 @@ def test_runspec_command_line(tmp_path: Path) -> None:
     assert hargs[hargs.index("-H") + 1] == "k:v"
     with pytest.raises(pa.PerfAnalyzerError):
         pa.RunSpec("m", "u", "grpc", max_trials=2)
+    with pytest.raises(pa.PerfAnalyzerError, match="stall_latency_us"):
+        pa.RunSpec("m", "u", "grpc", stall_latency_us=0)
 
 
 def test_input_json_round_trips_float32(tmp_path: Path) -> None:
@@ -109,6 +183,9 @@ def test_input_json_round_trips_float32(tmp_path: Path) -> None:
         pa.write_input_json(
             np.full((2, 3), np.nan, np.float32), tmp_path / "x.json", input_name="f"
         )
+    whole = np.array([[4242.0, 0.0, -3.0, 1e20]], np.float32)
+    text = pa.write_input_json(whole, tmp_path / "w.json", input_name="f").read_text()
+    assert "[4242.0,0.0,-3.0,1.00000002e+20]" in text  # perf_analyzer refuses 4242 for FP32
 
 
 def test_locate_says_how_to_install(tmp_path: Path) -> None:
@@ -132,7 +209,13 @@ def _binary() -> pa.Binary:
     return binary
 
 
-IDENTITY_PY = """\
+#: A row whose first value is this makes the identity model sleep SLOW_S: a stall.
+SLOW_MAGIC = 4242.0
+SLOW_S = 0.45
+
+IDENTITY_PY = f"""\
+import time
+
 import triton_python_backend_utils as pb_utils
 
 
@@ -141,6 +224,8 @@ class TritonPythonModel:
         out = []
         for r in requests:
             x = pb_utils.get_input_tensor_by_name(r, "features").as_numpy()
+            if x[0, 0] == {SLOW_MAGIC!r}:
+                time.sleep({SLOW_S!r})
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", x[:, :1].copy())]))
         return out
 """
@@ -197,6 +282,30 @@ def test_real_run_measures_misses_on_distinct_rows(
     assert result.row.throughput_infer_s > 0 and 0 < result.row.p50_us <= result.row.p99_us
     assert (tmp_path / "out.csv").is_file()
     assert result.server.cache_hits == 0 and (result.server.cache_misses or 0) > 0
+    q = result.requests  # every request checked, none stalled
+    assert q is not None and q.stalls == 0 and result.stalls == 0
+    assert q.requests > 0.9 * (result.server.success_count or 0) > 0  # all windows
+    assert q.max_latency_us is not None and q.max_latency_us >= result.row.p99_us
+
+
+def test_real_run_counts_a_slow_request_that_percentiles_hide(
+    identity: tuple[LocalTriton, Path], tmp_path: Path
+) -> None:
+    server, _ = identity
+    rows = np.random.default_rng(20).standard_normal((3000, 4)).astype(np.float32)
+    rows[1000, 0] = SLOW_MAGIC  # one request in 3,000 sleeps 450 ms
+    data = pa.write_input_json(rows, tmp_path / "rows.json", input_name="features")
+    spec = pa.RunSpec(
+        "identity", server.grpc_url, "grpc", input_data=data, window_ms=200, timeout_s=60
+    )
+    export = tmp_path / "export.json"
+    result = pa.run(pa.locate(), spec, export_path=export)
+    assert result.ok, result.message
+    assert export.is_file()  # kept where asked
+    q = result.requests
+    assert q is not None and q.stalls >= 1 and result.stalls == q.stalls
+    assert all(SLOW_S * 1e6 <= x < 2 * SLOW_S * 1e6 for x in q.stall_latencies_us)
+    assert result.row is not None and result.row.p99_us < pa.STALL_LATENCY_US
 
 
 def test_real_run_random_input_is_all_cache_hits(identity: tuple[LocalTriton, Path]) -> None:
