@@ -26,9 +26,20 @@ latency budget (:data:`DEFAULT_BUDGET_P99_MS`; ``--budget-ms name=ms``);
 variants within 5 % of that throughput count as tied and the one with the
 lowest p99 at concurrency 1 wins. Not eligible: the response cache unless
 ``--allow-response-cache`` (Triton 2.51 caches a Python-backend error as an
-empty success, see ServingSpec), and batching off while ServingSpec cannot
-express it. If nothing fits the budget, the lowest concurrency-1 p99 wins and
-the result says ``budget_met: false``.
+empty success, see ServingSpec), batching off while ServingSpec cannot
+express it, and any variant that **stalled** on any model (below). If nothing
+fits the budget, the lowest concurrency-1 p99 wins and the result says
+``budget_met: false``.
+
+**Stalls**: every run writes perf_analyzer's per-request export, and a request
+slower than :data:`~perf.perf_analyzer.STALL_LATENCY_US` (400 ms) is a stall,
+as is a request Triton refused with ``Request timeout expired`` (a hand-made
+config with a queue policy). In Triton 2.51 a ``default_queue_policy`` turns
+the dynamic batcher's payload pre-fetching off, and a request that lands
+between a response and the instance's release then sleeps 500 ms
+(``setsuna.model_config.batching_hazards``). The builder writes no queue
+policy, so the sweep should find none; the report counts stalls, requests
+checked and the slowest request per variant.
 
 **Cache honesty**: perf_analyzer cycles through the rows, so with a cache
 that holds them all, every request after the first pass is a hit. Every
@@ -97,14 +108,12 @@ CACHE_BYTES: Final = 16 * 1024
 #: Distinct input rows written per model (>= BATCH_ROWS; perf_analyzer cycles through them).
 INPUT_ROWS: Final = 4096
 TIE_SHARE: Final = 0.05
-#: Triton's answer to a request that sat in the queue past the queue policy's
-#: ``default_timeout_microseconds`` (50 ms here: 5-50x any healthy p99).
-STALL_MESSAGE: Final = "Request timeout expired"
 #: Why a stall disqualifies a variant (see :meth:`VariantResult.stalled`).
 STALL_WHY: Final = (
-    "a request waited past the 50 ms queue timeout: Triton 2.51's dynamic batcher sleeps "
-    "up to 500 ms when a request arrives while every instance is still finishing (no "
-    "wake-up); at c=1 with one instance it happens every few thousand requests"
+    f"a request stalled (slower than {pa.STALL_LATENCY_US / 1000:g} ms, or refused with "
+    f"'{pa.QUEUE_TIMEOUT_MESSAGE}'): Triton 2.51's dynamic batcher sleeps 500 ms when a "
+    "request lands between a response and the instance's release and payload pre-fetching "
+    "is off, which a queue policy (max_queue_size, timeout) does"
 )
 OUT: Final = Path(".cache/perf/triton")
 #: Rough seconds per run beyond its windows (start, JSON load, teardown) and per server.
@@ -314,17 +323,38 @@ class VariantResult:
 
     @property
     def stalled(self) -> bool:
-        """Whether any run saw a request rejected for waiting past the queue timeout.
+        """Whether any run (failed ones too) saw a stalled request.
 
-        Measured here (lightgbm, gRPC, sequential requests): with dynamic batching
-        and ONE instance a request now and then waits ~500 ms, the dynamic batcher's
-        idle sleep in Triton 2.51 (``default_wait_microseconds``): a request that
-        arrives after the response went out but before the instance is released
-        does not wake it. With two instances it needs every instance busy, so it
-        shows under load; with batching off it never happened. A trading call
-        cannot wait half a second now and then, so one such run disqualifies.
+        A stall is a request slower than the run's ``stall_latency_us`` in
+        perf_analyzer's per-request export, or one Triton refused for waiting past a
+        queue policy's timeout. Measured with Triton 2.51: with dynamic batching and
+        a queue policy (which turns payload pre-fetching off) a request now and then
+        waits ~500 ms, the batcher's idle sleep (``default_wait_microseconds``): one
+        that lands after the response went out but before the instance is released
+        wakes nobody (identity model, c=1, one instance: 143 in 10,000 requests with
+        ``max_queue_size`` alone, 0 in 10,000 without a policy). A trading call
+        cannot wait half a second now and then, so one stall disqualifies.
         """
-        return any(STALL_MESSAGE in r.message for r in self.runs if not r.ok)
+        return any(r.stalls for r in self.runs)
+
+    @property
+    def stall_count(self) -> int:
+        return sum(r.stalls for r in self.runs)
+
+    @property
+    def requests_checked(self) -> int:
+        """Requests whose latency the stall check saw (every exported request)."""
+        return sum(r.requests.requests for r in self.runs if r.requests is not None)
+
+    @property
+    def unchecked_runs(self) -> int:
+        """Successful runs without an export (stalls in them would go unseen)."""
+        return sum(1 for r in self.runs if r.ok and r.requests is None)
+
+    @property
+    def max_latency_us(self) -> float | None:
+        """The slowest request seen in any run's export (batch-1 and batched runs)."""
+        return max((x for r in self.runs if (x := r.max_latency_us) is not None), default=None)
 
     def c1_p99_us(self, protocol: str) -> float:
         pts = self.sweep(protocol)
@@ -579,7 +609,9 @@ class Sweep:
                 attempts = self.measure(vr.variant.name, url, model, s.protocol, c, data)
                 vr.runs += attempts
                 if vr.stalled:  # disqualified: measuring it further buys nothing
-                    self.echo(f"    {vr.variant.name}: stalled ({STALL_MESSAGE}); not eligible")
+                    self.echo(
+                        f"    {vr.variant.name}: {vr.stall_count} stalled request(s); not eligible"
+                    )
                     return
                 r = attempts[-1]
                 if r.row is not None and r.row.p99_us > budget_us:
@@ -698,6 +730,7 @@ def _variant_json(vr: VariantResult, protocol: str, budget_us: float) -> dict[st
         "startup_s": vr.startup_s,
         "server_error": vr.server_error,
         "best_within_budget": _row_json(vr.best_within(protocol, budget_us)),
+        "stall_check": _stall_json(vr),
         "runs": [r.to_json() for r in vr.runs],
     }
 
@@ -712,7 +745,19 @@ def _choice_json(choice: Choice, protocol: str) -> dict[str, Any]:
         "why": choice.why,
         "point": _row_json(choice.point),
         "c1": _row_json(v.find(protocol, 1)) if v is not None else None,
+        "stall_check": None if v is None else _stall_json(v),
         "not_eligible": choice.not_eligible,
+    }
+
+
+def _stall_json(vr: VariantResult) -> dict[str, Any]:
+    top = vr.max_latency_us
+    return {
+        "stalls": vr.stall_count,
+        "requests_checked": vr.requests_checked,
+        "unchecked_runs": vr.unchecked_runs,
+        "max_latency_ms": None if top is None else round(top / 1000, 3),
+        "stall_latency_ms": pa.STALL_LATENCY_US / 1000,
     }
 
 
@@ -748,7 +793,10 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_note: str) -> str:
         f"budget), time windows of {s.window_ms} ms, stability {s.stability_pct:g} %. "
         f"Server response cache {CACHE_BYTES // 1024} KiB (far fewer entries than rows: "
         "cache-variant figures are misses). Choice: highest throughput at any level with "
-        f"p99 within the model's budget; within {TIE_SHARE:.0%} of it, lowest c=1 p99.",
+        f"p99 within the model's budget; within {TIE_SHARE:.0%} of it, lowest c=1 p99. "
+        "Stall check: every request of every run (perf_analyzer's profile export); one "
+        f"slower than {pa.STALL_LATENCY_US / 1000:g} ms, or refused by a queue timeout, makes "
+        "the variant not eligible for every model. Configs carry no Triton queue policy.",
         "",
     ]
     if plot_note:
@@ -786,8 +834,9 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_note: str) -> str:
             lines += [f"![{m['model']}]({plots[m['model']]})", ""]
         lines += [
             f"| variant | settings | c=1 p50 / p99 ms | best within budget | "
-            f"c={c_last} infer/s | c={c_last} p50 / p99 ms | avg batch c={c_last} | note |",
-            "|---|---|---|---|---|---|---|---|",
+            f"c={c_last} infer/s | c={c_last} p50 / p99 ms | avg batch c={c_last} "
+            "| stalls / requests checked, slowest ms | note |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for vr in results:
             best = vr.best_within(s.protocol, budget_us)
@@ -814,9 +863,12 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_note: str) -> str:
             ]
             if hits:
                 note += f"; cache hits up to {max(h or 0 for h in hits):.0%} on distinct rows"
+            if vr.unchecked_runs:
+                note += f"; {vr.unchecked_runs} run(s) without a stall check"
             lines.append(
                 f"| {vr.variant.name} | {vr.variant.describe()} | {_lat(vr.find(s.protocol, 1))} "
-                f"| {best_txt} | {_rate(last)} | {_lat(last)} | {avg} | {note.strip('; ')} |"
+                f"| {best_txt} | {_rate(last)} | {_lat(last)} | {avg} | {_stall_cell(vr)} "
+                f"| {note.strip('; ')} |"
             )
         lines += ["", "Sweep points (infer/s @ p99 ms, by concurrency):", ""]
         for vr in results:
@@ -843,12 +895,22 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_note: str) -> str:
         "windows twice as long, then recorded as failed.",
         "- HTTP at c=32 occasionally hangs: every run has a timeout and its process group "
         "is killed.",
-        "- perf_analyzer stops a run at the first failed request: one request rejected by the "
-        "queue timeout (`queue_timeout_us`) fails the whole measurement (`Request timeout "
-        "expired`). Seen on a busy host at c=2..32; such runs are listed above.",
+        "- perf_analyzer stops a run at the first failed request and then writes no "
+        "per-request export: a stall refused by a queue policy's timeout (`Request timeout "
+        "expired`) fails the whole measurement and counts as a stall; an unstable run has no "
+        "export either, so its requests are not checked (its retry is).",
+        "- Percentiles hide a request in a few thousand: stalls are counted from the export "
+        f"(every request of every window), not from p99. Threshold "
+        f"{pa.STALL_LATENCY_US / 1000:g} ms; the batcher's stall is ~500 ms, a healthy request "
+        "here 0.3-50 ms.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _stall_cell(vr: VariantResult) -> str:
+    bold = "**" if vr.stalled else ""
+    return f"{bold}{vr.stall_count}{bold} / {vr.requests_checked:,}, {_ms(vr.max_latency_us)}"
 
 
 def _detail_table(results: Sequence[VariantResult], choice: Choice, s: Settings) -> list[str]:
@@ -1134,6 +1196,7 @@ def _main(args: argparse.Namespace) -> int:
                 "why": r["choice"]["why"],
                 "at_budget": r["choice"]["point"],
                 "c1": r["choice"]["c1"],
+                "stall_check": r["choice"]["stall_check"],
             }
             for r in reports
             if r["choice"]["serving"] is not None

@@ -30,13 +30,30 @@ W = np.random.default_rng(2).normal(size=6).astype(np.float32)
 
 
 def _run(
-    variant: str, c: int, rate: float, p99_ms: float, *, ok: bool = True, message: str = "boom"
+    variant: str,
+    c: int,
+    rate: float,
+    p99_ms: float,
+    *,
+    ok: bool = True,
+    message: str = "boom",
+    slow_ms: tuple[float, ...] = (),
 ) -> pa.RunResult:
+    """A run; ``slow_ms``: latencies of requests past the stall threshold in its export."""
     spec = pa.RunSpec(variant, "127.0.0.1:1", "grpc", concurrency=c, input_data=Path("rows.json"))
     row = pa.LatencyRow(c, rate, p99_ms * 400, p99_ms * 700, p99_ms * 800, p99_ms * 1000)
     if not ok:
         return pa.RunResult(spec, "failed", 1, 1.0, message=message)
-    return pa.RunResult(spec, "ok", 0, 1.0, row)
+    stalls = tuple(sorted((x * 1000 for x in slow_ms), reverse=True))
+    stats = pa.RequestStats(
+        requests=int(rate),
+        stalls=len(stalls),
+        stall_latency_us=pa.STALL_LATENCY_US,
+        max_latency_us=max((*stalls, p99_ms * 3000)),
+        span_s=1.0,
+        stall_latencies_us=stalls,
+    )
+    return pa.RunResult(spec, "ok", 0, 1.0, row, requests=stats)
 
 
 def _result(v: triton.Variant, *points: tuple[int, float, float]) -> triton.VariantResult:
@@ -128,6 +145,67 @@ def test_one_queue_timeout_disqualifies_a_variant_however_fast() -> None:
     assert choice.variant is safe
     assert "500 ms" in choice.not_eligible["db100-2i-nopref"]
     assert not safe.stalled and fast.stalled
+
+
+def test_one_slow_request_in_the_export_disqualifies_a_variant() -> None:
+    """No queue policy, no refusal: the stall shows only as one request of ~500 ms."""
+    fast = _result(VARIANTS["db100-2i-nopref"], (1, 3000, 0.5))
+    fast.runs.append(_run("db100-2i-nopref", 8, 12000, 1.5, slow_ms=(501.2,)))
+    safe = _result(VARIANTS["default"], (1, 2900, 0.5), (8, 9000, 1.8))
+    assert fast.stalled and fast.stall_count == 1 and fast.max_latency_us == 501_200
+    assert not safe.stalled and safe.requests_checked == 2900 + 9000
+    choice = triton.choose([fast, safe], "grpc", 2000)
+    assert choice.variant is safe and "stalled" in choice.not_eligible["db100-2i-nopref"]
+
+
+def test_batching_variants_without_stalls_are_eligible_again() -> None:
+    """Batching wins on throughput once nothing stalls (the stall was the queue policy's)."""
+    batching = _result(VARIANTS["db100-2i-nopref"], (1, 2800, 0.6), (8, 11000, 1.8))
+    off = _result(VARIANTS["nobatch-2i"], (1, 2900, 0.5), (8, 6000, 1.8))
+    choice = triton.choose([batching, off], "grpc", 2000)
+    assert choice.variant is batching and not choice.not_eligible
+    assert "queue policy" in triton.STALL_WHY and "500 ms" in triton.STALL_WHY
+
+
+def test_report_shows_stalls_requests_checked_and_the_slowest() -> None:
+    settings = triton.Settings(concurrency=(1, 8))
+    stalled = _result(VARIANTS["db0-2i"], (1, 3000, 0.5))
+    stalled.runs.append(_run("db0-2i", 8, 12000, 1.5, slow_ms=(501.0, 503.5)))
+    clean = _result(VARIANTS["default"], (1, 2900, 0.5), (8, 9000, 1.8))
+    unchecked = _result(VARIANTS["db500-2i"], (1, 2500, 0.7))
+    unchecked.runs = [dataclasses.replace(r, requests=None) for r in unchecked.runs]
+    results = [clean, stalled, unchecked]
+    choice = triton.choose(results, "grpc", 2000)
+    doc = {
+        "host": {"cpus": 2, "platform": "test", "load_before": 0.1, "load_after": 0.2},
+        "perf_analyzer": "Perf Analyzer Version 2.47.0",
+        "_settings": settings,
+        "models": [
+            {
+                "model": "m",
+                "engine": "onnx",
+                "candidate": "c",
+                "budget_p99_ms": 2.0,
+                "input": {"rows": 10, "origin": "test rows"},
+                "config_drift": "",
+                "_results": results,
+                "_choice": choice,
+            }
+        ],
+    }
+    text = triton.markdown(doc, {}, "")
+    assert "| **2** / 15,000, 503.50 |" in text  # the stalled variant: bold count, slowest
+    assert "| 0 / 11,900, 5.40 |" in text  # clean: every request checked, slowest 5.4 ms
+    assert "1 run(s) without a stall check" in text
+    assert choice.variant is clean
+    stall_json = triton._choice_json(choice, "grpc")["stall_check"]
+    assert stall_json == {
+        "stalls": 0,
+        "requests_checked": 11_900,
+        "unchecked_runs": 0,
+        "max_latency_ms": 5.4,
+        "stall_latency_ms": 400.0,
+    }
 
 
 def test_a_variant_that_stalled_on_another_model_is_not_eligible() -> None:
@@ -232,9 +310,13 @@ def test_end_to_end_quick_sweep_writes_tuned_file(tmp_path: Path) -> None:
     (m,) = doc["models"]
     assert [v["name"] for v in m["variants"]] == ["default", "db0-2i"]
     assert m["choice"]["budget_met"] and m["choice"]["variant"] in ("default", "db0-2i")
+    check = m["choice"]["stall_check"]  # batching, no queue policy: every request checked
+    assert check["stalls"] == 0 and check["requests_checked"] > 100
+    assert check["unchecked_runs"] == 0 and 0 < check["max_latency_ms"] < 400
     assert "synthetic" in m["input"]["origin"]  # no example data set has 6 features
     assert "## logit" in (out / "report.md").read_text()
     specs = load_tuned(tuned)
     assert specs["logit"].cpu_instances == 2
+    assert json.loads(tuned.read_text())["models"]["logit"]["stall_check"] == check
     want = 0 if m["choice"]["variant"] == "db0-2i" else ServingSpec().max_queue_delay_us
     assert specs["logit"].max_queue_delay_us == want
