@@ -6,9 +6,13 @@ Starts the local Triton with every example engine loaded (the tuned configs
 of ``perf/tuned.json``), drives ``lightgbm`` with perf_analyzer on distinct
 held-out rows (client on the same 2 cores), and prints each figure beside
 its target with PASS/MISS: c=1 p99 over HTTP and gRPC, single-row infer/s and
-p99 at c=32, rows/s with 1,024-row binary requests (c=1, 2, 4), and the
-memory of the server and its stub processes (PSS, so shared pages are counted
-once; the plain RSS sum is printed too). Writes nothing but a JSON summary in
+p99 at c=32, rows/s with 1,024-row binary requests (c=1, 2, 4), the memory of
+the server and its stub processes (PSS, so shared pages are counted once; the
+plain RSS sum is printed too), and **stalls**: a ``--stall-seconds`` (60) run
+at c=1 over gRPC whose every request is checked in perf_analyzer's profile
+export; one slower than 400 ms (``perf_analyzer.STALL_LATENCY_US``, the
+dynamic batcher's 500 ms sleep) or refused by a queue timeout is a stall, and
+the target is none. Writes nothing but a JSON summary in
 ``.cache/perf/targets.json``.
 """
 
@@ -28,6 +32,10 @@ from setsuna.server import LocalTriton, ServerSettings, free_ports
 
 OUT = Path(".cache/perf")
 MODEL = "lightgbm"
+STALL_SECONDS = 60.0
+#: Windows of the stall run: 3 of a third each; stability 100 % so any three count
+#: (perf_analyzer needs 3 "stable" windows and writes no export for an unstable run).
+_STALL_WINDOWS = 3
 
 
 def _memory_mib(pid: int) -> tuple[float, float]:
@@ -38,10 +46,47 @@ def _memory_mib(pid: int) -> tuple[float, float]:
     return pss, rss
 
 
+STALL_KEY = "grpc c=1 stall run"
+
+
+def stall_check(
+    run: pa.RunResult | None, seconds: float, others: dict[str, pa.RunResult]
+) -> tuple[str, str, bool]:
+    """The stall target: no request of the long c=1 run over the threshold, none refused.
+
+    ``others`` (the other runs) are reported beside it, not judged: they are short.
+    """
+    what = f"0 stalls (> {pa.STALL_LATENCY_US / 1000:g} ms) in a {seconds:g} s c=1 gRPC run"
+    rest = [r for k, r in others.items() if k != STALL_KEY]
+    rest_stalls = sum(r.stalls for r in rest)
+    rest_checked = sum(r.requests.requests for r in rest if r.requests is not None)
+    aside = f"; the other runs: {rest_stalls} in {rest_checked:,} requests"
+    if run is None:
+        return what, "not run (--stall-seconds 0)" + aside, False
+    q = run.requests
+    if q is None:
+        why = run.message or "no profile export"
+        got = f"{run.stalls} stall(s); " if run.stalls else ""
+        return what, f"{got}{run.status}: {why[:200]}" + aside, False
+    top = "-" if q.max_latency_us is None else f"{q.max_latency_us / 1000:.2f} ms"
+    got = f"{q.stalls} stall(s) in {q.requests:,} requests over {q.span_s:.1f} s, slowest {top}"
+    if q.stalls:
+        got += " (" + ", ".join(f"{x / 1000:.1f}" for x in q.stall_latencies_us) + " ms)"
+    return what, got + aside, q.stalls == 0 and q.requests > 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m perf.targets", description=__doc__)
     p.add_argument("--model-repository", type=Path, default=Path("model_repository/local"))
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=STALL_SECONDS,
+        help="length of the c=1 gRPC stall run (0: skip it; the target then reads MISS)",
+    )
     args = p.parse_args(argv)
+    if not args.stall_seconds >= 0:
+        p.error("--stall-seconds must be >= 0")
     binary = pa.locate()
     schema = manifest.read(args.model_repository / MODEL / "1").schema
     rows, _ = input_rows(schema)
@@ -69,7 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     with LocalTriton(settings) as server:
         pss, rss = _memory_mib(server.pid or 0)
 
-        def go(key: str, protocol: pa.Protocol, c: int, batch: int = 1) -> None:
+        def go(
+            key: str,
+            protocol: pa.Protocol,
+            c: int,
+            batch: int = 1,
+            *,
+            window_ms: int = 1000,
+            stability_pct: float = 50.0,
+            max_trials: int = 10,
+            timeout_s: float = 120,
+        ) -> None:
             url = server.grpc_url if protocol == "grpc" else server.http_url
             spec = pa.RunSpec(
                 MODEL,
@@ -78,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=c,
                 batch_size=batch,
                 input_data=data,
-                window_ms=1000,
-                timeout_s=120,
+                window_ms=window_ms,
+                stability_pct=stability_pct,
+                max_trials=max_trials,
+                timeout_s=timeout_s,
             )
             results[key] = pa.run(binary, spec)
             print(f"  {key:24} {pa.summarize([results[key]])}", flush=True)
@@ -90,6 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         go("http c=32", "http", 32)
         for c in (1, 2, 4):
             go(f"grpc b=1024 c={c}", "grpc", c, 1024)
+        if args.stall_seconds > 0:
+            window = max(50, round(args.stall_seconds * 1000 / _STALL_WINDOWS))
+            go(
+                STALL_KEY,
+                "grpc",
+                1,
+                window_ms=window,
+                stability_pct=100.0,
+                max_trials=_STALL_WINDOWS,
+                timeout_s=args.stall_seconds * 2 + 60,
+            )
     checks: list[tuple[str, str, bool]] = []
 
     def row(key: str) -> pa.LatencyRow | None:
@@ -122,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             pss * 1.048576 <= 300,
         )
     )
+    checks.append(stall_check(results.get(STALL_KEY), args.stall_seconds, results))
     print("== targets (lightgbm, tuned, client on the same cores) ==")
     for what, got, ok in checks:
         print(f"{'PASS' if ok else 'MISS'}  {what}: {got}")
