@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +154,18 @@ class Downstream:
 
     A call runs ``InferenceRequest.exec`` in this pool's threads, as the
     stub's ``async_exec`` does in the event loop's default pool, and the
-    caller waits at most the timeout. The Python backend cannot take a call
-    back, so a call past its time keeps its thread until the answer comes and
-    counts as overdue meanwhile; with ``max_overdue_calls`` of them a model
-    gets no more calls until one returns (they fail at once), so a model that
-    never answers holds a few threads, not all of them.
+    caller waits at most the timeout: Triton 2.51's stub has no timeout of
+    its own (``exec`` waits forever) and the core enforces a request's
+    ``timeout`` only in a queue policy's queue, which these models must not
+    have (see Measuring). The Python backend cannot take a call back, so a
+    call past its time keeps its thread until the answer comes and counts as
+    overdue meanwhile; with ``max_overdue_calls`` of them a model gets no more
+    calls until one returns (they fail at once), so a model that never
+    answers holds a few threads, not all of them.
+
+    :meth:`call` is for coroutines (router, selector), :meth:`call_sync` for
+    one call from a thread, :meth:`call_all` for several at once from a
+    synchronous execute (the combiner: no event loop to hop through).
     """
 
     def __init__(self, model: str, limits: Limits, workers: int = 32) -> None:
@@ -197,6 +204,37 @@ class Downstream:
             raise
         except Exception as exc:  # exec itself failed (e.g. the stub is shutting down)
             raise DownstreamError(f"{target.label} failed: {exc}") from exc
+
+    def call_all(self, targets: Sequence[Target], x: F32, timeout: Timeout) -> list[Any]:
+        """Every target scores ``x``, all in flight together, one bounded wait for them all.
+
+        :meth:`call` for synchronous code (the combiner): no event loop between
+        the stub's thread and the calls, and the caller wakes once, when the
+        last answer is in or the time is up. Each item is the response or the
+        DownstreamError of that call, in ``targets`` order; a call not back
+        within ``timeout`` is abandoned (and counted overdue) as in :meth:`call`.
+        """
+        out: list[Any] = []
+        futures: dict[int, Future[Any]] = {}
+        for i, t in enumerate(targets):
+            try:
+                futures[i] = self._submit(t, x, timeout)
+                out.append(None)
+            except DownstreamError as exc:
+                out.append(exc)
+        if futures:
+            wait(futures.values(), timeout[0])
+        for i, f in futures.items():
+            t = targets[i]
+            out[i] = self._answer(t, f) if f.done() else self._gave_up(t, f, timeout)
+        return out
+
+    @staticmethod
+    def _answer(target: Target, future: Future[Any]) -> Any:
+        try:
+            return future.result()
+        except Exception as exc:  # exec itself failed (e.g. the stub is shutting down)
+            return DownstreamError(f"{target.label} failed: {exc}")
 
     def call_sync(self, target: Target, x: F32, timeout: Timeout) -> Any:
         """:meth:`call` for synchronous code (``decide``, probe threads)."""
