@@ -1,10 +1,18 @@
-"""The combiner: every member scores the whole batch at once (async BLS), one answer.
+"""The combiner: every member scores the whole batch at once (BLS), one answer.
 
-One downstream request per member per execute, all in flight together; the
+One downstream request per member per execute, all in flight together, and
+one bounded wait for them (:meth:`common.Downstream.call_all`); the
 combination (weighted mean or logit stacking, :mod:`ensembles.members`) is
 array arithmetic. A member's error fails the batch's requests with that error:
 a partial ensemble is a different model, so it is never returned quietly.
-``models`` names every member's ``model:version`` on every row.
+``models`` names every member's ``model:version`` on every row (built only
+for a request that asks for it, or for all outputs).
+
+``execute`` is synchronous: an ``async`` one costs a hop from the stub's
+thread to its event loop thread and back on every execute, and the calls
+themselves block in threads either way (``async_exec`` too). With dynamic
+batching (the example's serving) one execute serves every queued request
+with one call per member (perf/combiner.py has the figures).
 
 Config parameters: ``members_file`` (required; absolute or relative to the
 model folder), ``allow_nan`` (default false), ``bls_timeout_ms``,
@@ -16,10 +24,12 @@ the previous one serving (logged and counted).
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from ensembles import cycles, members
@@ -28,6 +38,16 @@ from ensembles.models import common
 from ensembles.watch import Poller, Watched, shared_copy
 from setsuna.errors import ConfigError
 from setsuna.schema import OUTPUT_NAME
+
+MODELS_OUTPUT = "models"
+
+
+@functools.lru_cache(maxsize=16)
+def _column(label: bytes, rows: int) -> npt.NDArray[np.object_]:
+    """The ``models`` column: ``label`` on every row (read only, shared by responses)."""
+    out = np.full((rows, 1), label, dtype=np.object_)
+    out.flags.writeable = False
+    return out
 
 
 class TritonPythonModel:
@@ -73,16 +93,14 @@ class TritonPythonModel:
             if change.note:
                 pb_utils.Logger.log_warn(f"{self.name}: {change.note}")
 
-    async def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> list[Any]:
         self._poll()
         spec = self.watch.current
         responses, kept, xs, x = common.stack(self.name, requests, allow_nan=self.allow_nan)
         if x is None:
             return responses
         timeout = common.timeout_of([requests[i] for i in kept], self.limits)
-        answers = await asyncio.gather(
-            *(self.calls.call(t, x, timeout) for t in spec.targets), return_exceptions=True
-        )
+        answers = self.calls.call_all(spec.targets, x, timeout)
         try:
             scores = [
                 common.bls_score(a, t, len(x)) for a, t in zip(answers, spec.targets, strict=True)
@@ -92,14 +110,12 @@ class TritonPythonModel:
                 responses[i] = common.failure(f"{self.name}: member {exc}")
             return responses
         y = spec.combine(scores)
-        names = common.constant(spec.label, len(x))
+        label = spec.label.encode()
         for i, sl in zip(kept, common.split(len(x), [len(v) for v in xs]), strict=True):
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor(OUTPUT_NAME, y[sl]),
-                    pb_utils.Tensor("models", names[sl]),
-                ]
-            )
+            outputs = [pb_utils.Tensor(OUTPUT_NAME, y[sl])]
+            if MODELS_OUTPUT in requests[i].requested_output_names():
+                outputs.append(pb_utils.Tensor(MODELS_OUTPUT, _column(label, sl.stop - sl.start)))
+            responses[i] = pb_utils.InferenceResponse(output_tensors=outputs)
         return responses
 
     def finalize(self) -> None:
