@@ -34,6 +34,11 @@ from setsuna.errors import ConfigError, SetsunaError
 
 ARMS = ("lightgbm", "xgboost")
 SHADOW = "mlp"
+#: The combiner batches: one execute, one call per member for every queued request
+#: (perf/combiner.py: 11-15 % of its slowest member's throughput at c=32 without).
+#: No queue policy: one turns off 2.51's prefetching and with it brings the ~500 ms
+#: stalls back (docs/architecture.md, Measuring).
+COMBINER_SERVING = rep.Serving(instances=1, dynamic_batching=True)
 
 
 def _prior(repo: Path, model: str) -> float:
@@ -91,7 +96,7 @@ def write_examples(repo: Path) -> list[Path]:
                 thresholds=signal.Thresholds(),
             )
         )
-        out.append(rep.write_combiner(repo, files / "members.json", n, serving=one))
+        out.append(rep.write_combiner(repo, files / "members.json", n, serving=COMBINER_SERVING))
         outcomes = Path("..") / "feedback" / "outcomes.db"  # beside the feedback model
         out.append(
             rep.write_selector(repo, files / "selector.json", n, outcomes_db=outcomes, serving=one)

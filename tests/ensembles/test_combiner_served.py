@@ -1,0 +1,292 @@
+"""The combiner as it ships (dynamic batching, one synchronous execute) on the real Triton.
+
+Engines alpha and beta are small logistic models (numpy oracle); ``stuck``
+is a Python model that blocks in every execute until the test writes a byte
+to its FIFO, so "a member hangs" and "the combiner's instance is busy" are
+events, not sleeps. On top:
+
+- ``combiner`` (alpha, beta; batching on, one instance, like the example);
+- ``gated`` (alpha, stuck; a patient timeout): holds its only instance while
+  the test queues requests behind it, so the next execute takes them all;
+- ``waiting`` (alpha, stuck; calls time out after 300 ms, 2 overdue at most).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ensembles import repository as rep
+from ensembles.limits import Limits
+from setsuna import seal
+from setsuna.server import LocalTriton, ServerSettings, free_ports
+from tests.helpers import build_logistic_models
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+N = 5
+RNG = np.random.default_rng(23)
+W = {name: RNG.normal(size=N).astype(np.float32) for name in ("alpha", "beta")}
+PATIENT = Limits(bls_timeout_ms=60_000)
+PATIENT_US = 60_000_000  # a request timeout no loaded machine reaches
+BATCHED = rep.Serving(instances=1, dynamic_batching=True)  # no queue policy: see Measuring
+
+STUCK_CONFIG = f"""\
+name: "stuck"
+backend: "python"
+max_batch_size: 1024
+input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {N} ] }} ]
+output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters {{ key: "leaf" value {{ string_value: "true" }} }}
+parameters {{ key: "release" value {{ string_value: "RELEASE" }} }}
+parameters {{ key: "started" value {{ string_value: "STARTED" }} }}
+"""
+# Each execute announces itself on `started`, then blocks until the test writes one
+# byte to `release`; it answers 0.5 for every row. The FIFOs are opened O_RDWR so no
+# open() blocks.
+STUCK_PY = """\
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        self.release = os.open(params["release"]["string_value"], os.O_RDWR)
+        self.started = os.open(params["started"]["string_value"], os.O_RDWR)
+
+    def execute(self, requests):
+        os.write(self.started, b"s")
+        os.read(self.release, 1)
+        out = []
+        for r in requests:
+            n = len(pb_utils.get_input_tensor_by_name(r, "features").as_numpy())
+            score = np.full((n, 1), 0.5, dtype=np.float32)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", score)]))
+        return out
+"""
+
+
+@dataclass
+class Gate:
+    release: int
+    started: int
+
+    def wait_started(self, timeout_s: float = 60.0) -> None:
+        ready, _, _ = select.select([self.started], [], [], timeout_s)
+        assert ready, "stuck never started executing"
+        os.read(self.started, 1)
+
+    def open(self, n: int = 1) -> None:
+        os.write(self.release, b"r" * n)
+
+    def drain(self) -> int:
+        """Forget the executes announced so far; how many there were."""
+        n = 0
+        while select.select([self.started], [], [], 0)[0]:
+            n += len(os.read(self.started, 4096))
+        return n
+
+
+@dataclass
+class Served:
+    server: LocalTriton
+    gate: Gate
+
+    def client(self) -> Any:
+        return grpcclient.InferenceServerClient(self.server.grpc_url)
+
+
+def _members(*names: str) -> dict[str, Any]:
+    weights = (3.0, 1.0)
+    return {
+        "format": 1,
+        "method": "mean",
+        "members": [
+            {"model": n, "version": 1, "weight": w} for n, w in zip(names, weights, strict=True)
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("combiner")
+    repo = build_logistic_models(root, W, RNG.normal(size=(400, N)).astype(np.float32))
+    release, started = root / "stuck.release", root / "stuck.started"
+    os.mkfifo(release)
+    os.mkfifo(started)
+    (repo / "stuck" / "1").mkdir(parents=True)
+    config = STUCK_CONFIG.replace("RELEASE", str(release)).replace("STARTED", str(started))
+    (repo / "stuck" / "config.pbtxt").write_text(config)
+    (repo / "stuck" / "1" / "model.py").write_text(STUCK_PY)
+    seal.seal_model(repo / "stuck")  # the stub guard loads only sealed folders
+    gate = Gate(os.open(release, os.O_RDWR), os.open(started, os.O_RDWR))
+    files = root / "files"
+    files.mkdir()
+    (files / "ab.json").write_text(json.dumps(_members("alpha", "beta")))
+    (files / "stuck.json").write_text(json.dumps(_members("alpha", "stuck")))
+    rep.write_combiner(repo, files / "ab.json", N, serving=BATCHED, limits=PATIENT)
+    rep.write_combiner(repo, files / "stuck.json", N, name="gated", serving=BATCHED, limits=PATIENT)
+    hasty = Limits(bls_timeout_ms=300, max_overdue_calls=2)
+    rep.write_combiner(repo, files / "stuck.json", N, name="waiting", serving=BATCHED, limits=hasty)
+    http, grpc, metrics = free_ports(3)
+    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+    with LocalTriton(settings, log_path=root / "triton.log") as server:
+        yield Served(server, gate)
+    os.close(gate.release)
+    os.close(gate.started)
+
+
+def _infer(
+    s: Served,
+    model: str,
+    x: np.ndarray,
+    *,
+    outputs: tuple[str, ...] = (),
+    timeout_us: int | None = PATIENT_US,
+) -> Any:
+    inp = grpcclient.InferInput("features", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    wanted = [grpcclient.InferRequestedOutput(o) for o in outputs] or None
+    with s.client() as c:
+        return c.infer(model, [inp], outputs=wanted, timeout=timeout_us, client_timeout=120)
+
+
+def _oracle(name: str, x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float64) @ W[name].astype(np.float64)
+    return (1.0 / (1.0 + np.exp(-z))).reshape(-1, 1)
+
+
+def _pending(s: Served, model: str) -> float:
+    """Requests of ``model`` waiting in Triton's queue (nv_inference_pending_request_count)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(s.server.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith("nv_inference_pending_request_count{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    """Poll ``check()`` until it returns something truthy; fail after ``timeout_s``."""
+    done = threading.Event()
+    deadline = threading.Timer(timeout_s, done.set)
+    deadline.start()
+    try:
+        while True:
+            got = check()
+            if got:
+                return got
+            if done.wait(0.02):
+                raise AssertionError(f"{what}: not within {timeout_s:g} s (last: {got!r})")
+    finally:
+        deadline.cancel()
+
+
+def test_requests_batched_into_one_execute_each_get_their_own_rows(served: Served) -> None:
+    """One execute, one call per member for every queued request; answers split back right."""
+    g = served.gate
+    g.drain()
+    sizes = [1, 3, 1, 2, 5, 1, 4, 2]
+    xs = [RNG.normal(size=(n, N)).astype(np.float32) for n in sizes]
+    first = RNG.normal(size=(2, N)).astype(np.float32)
+    with ThreadPoolExecutor(len(sizes) + 1) as pool:
+        head = pool.submit(_infer, served, "gated", first)
+        g.wait_started()  # the only instance is now busy inside execute
+        rest: list[Future[Any]] = [pool.submit(_infer, served, "gated", x) for x in xs]
+        _wait("every request queued", lambda: _pending(served, "gated") >= len(sizes))
+        g.open()  # the first execute ends; the batcher hands the rest over at once
+        g.wait_started()
+        g.open()
+        answers = [f.result(timeout=120) for f in (head, *rest)]
+    assert g.drain() == 0, "stuck ran more than twice: the queued requests were not batched"
+    for x, r in zip((first, *xs), answers, strict=True):
+        want = 0.75 * _oracle("alpha", x) + 0.25 * 0.5
+        np.testing.assert_allclose(r.as_numpy("score"), want, atol=1e-6)
+        assert r.as_numpy("models").reshape(-1).tolist() == [b"alpha:1,stuck:1"] * len(x)
+
+
+def test_concurrent_requests_get_the_weighted_average_of_their_own_rows(served: Served) -> None:
+    xs = [RNG.normal(size=(1 + i % 4, N)).astype(np.float32) for i in range(48)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda x: _infer(served, "combiner", x), xs))
+    for x, r in zip(xs, answers, strict=True):
+        want = 0.75 * _oracle("alpha", x) + 0.25 * _oracle("beta", x)
+        np.testing.assert_allclose(r.as_numpy("score"), want, atol=1e-6)
+        assert r.as_numpy("models").reshape(-1).tolist() == [b"alpha:1,beta:1"] * len(x)
+
+
+def test_models_is_built_only_when_asked_for(served: Served) -> None:
+    x = RNG.normal(size=(3, N)).astype(np.float32)
+    only = _infer(served, "combiner", x, outputs=("score",))
+    assert only.as_numpy("models") is None
+    both = _infer(served, "combiner", x, outputs=("score", "models"))
+    np.testing.assert_array_equal(both.as_numpy("score"), only.as_numpy("score"))
+    assert both.as_numpy("models").reshape(-1).tolist() == [b"alpha:1,beta:1"] * 3
+
+
+def test_a_member_that_never_answers_fails_the_batch_within_its_bound(served: Served) -> None:
+    g = served.gate
+    g.drain()
+    x = RNG.normal(size=(2, N)).astype(np.float32)
+    # 1. No timeout on the request: the combiner's bls_timeout_ms (300 ms).
+    with pytest.raises(
+        InferenceServerException,
+        match=r"waiting: member stuck:1 did not answer within 300 ms \(bls_timeout_ms\)",
+    ):
+        _infer(served, "waiting", x, timeout_us=None)
+    g.wait_started()  # it really is stuck in there
+    # 2. The request's own timeout wins (this call waits in stuck's queue behind the first).
+    with pytest.raises(InferenceServerException, match=r"within 400 ms \(the request's timeout\)"):
+        _infer(served, "waiting", x, timeout_us=400_000)
+    # 3. Two calls overdue (max_overdue_calls=2): the next fails at once, whatever its timeout.
+    with pytest.raises(InferenceServerException, match="stuck:1 has 2 calls unanswered"):
+        _infer(served, "waiting", x)
+    # The other combiner, on the same members but alpha, still answers.
+    out = _infer(served, "combiner", x)
+    want = 0.75 * _oracle("alpha", x) + 0.25 * _oracle("beta", x)
+    np.testing.assert_allclose(out.as_numpy("score"), want, atol=1e-6)
+    g.open(3)  # the two overdue calls, and one more
+
+    def answered() -> bool:
+        try:
+            return _infer(served, "waiting", x).as_numpy("score") is not None
+        except InferenceServerException as exc:
+            assert "unanswered" in str(exc), exc  # only the fail-fast may happen meanwhile
+            return False
+
+    _wait("the stuck member is called again once it answered", answered)
+    g.drain()
+
+
+def test_the_example_combiner_batches_without_a_queue_policy(tmp_path: Path) -> None:
+    """Batching with a queue policy turns off Triton 2.51's prefetching: ~500 ms stalls."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from ensembles.__main__ import COMBINER_SERVING
+
+    cfg = mc.ModelConfig(name="c", backend="python")
+    COMBINER_SERVING.apply(cfg)
+    text = text_format.MessageToString(cfg)
+    assert cfg.HasField("dynamic_batching"), text
+    db = cfg.dynamic_batching
+    assert not db.HasField("default_queue_policy") and not db.priority_queue_policy, text
+    assert db.max_queue_delay_microseconds == 0, text
