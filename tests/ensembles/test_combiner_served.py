@@ -21,7 +21,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -276,17 +275,17 @@ def test_a_member_that_never_answers_fails_the_batch_within_its_bound(served: Se
     g.drain()
 
 
-def test_the_example_combiner_batches_without_a_queue_policy(tmp_path: Path) -> None:
-    """Batching with a queue policy turns off Triton 2.51's prefetching: ~500 ms stalls."""
-    from google.protobuf import text_format
+def test_the_example_combiner_batches_without_a_queue_policy() -> None:
+    """A queue policy turns off 2.51's prefetching and brings the ~500 ms stalls back."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     from ensembles.__main__ import COMBINER_SERVING
+    from setsuna.model_config import batching_hazards
 
-    cfg = mc.ModelConfig(name="c", backend="python")
+    cfg = mc.ModelConfig(name="combiner", backend="python")
     COMBINER_SERVING.apply(cfg)
-    text = text_format.MessageToString(cfg)
-    assert cfg.HasField("dynamic_batching"), text
-    db = cfg.dynamic_batching
-    assert not db.HasField("default_queue_policy") and not db.priority_queue_policy, text
-    assert db.max_queue_delay_microseconds == 0, text
+    assert cfg.HasField("dynamic_batching")
+    assert batching_hazards(cfg) == []
+    # allow_timeout_override alone turns prefetching off too (scheduler_utils.cc, r24.10)
+    assert not cfg.dynamic_batching.default_queue_policy.allow_timeout_override
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
