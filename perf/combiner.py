@@ -15,6 +15,12 @@ c=32; round 2: ...), so that load from elsewhere on the host falls on all of
 them alike. Every request's latency is checked for stalls (> 400 ms,
 :mod:`perf.perf_analyzer`).
 
+``--floor`` adds the smallest setups that bound what any BLS combiner can
+reach: ``python_floor``, a Python model that answers 0.5 per row (the stub
+hop alone), and ``bls_floor``, one that makes ONE synchronous BLS call to
+the first member on the stub's own thread and returns its score (one BLS
+round trip, nothing else: no thread, no timeout, no combination).
+
 Per round, the *slowest member* is the member with the highest c=1 p50 (for
 the latency ratios) and the one with the lowest c=32 throughput (for the
 share); the table prints each round's ratios and their range. Targets
@@ -38,20 +44,60 @@ from ensembles import repository as rep
 from ensembles.__main__ import COMBINER_SERVING
 from perf import perf_analyzer as pa
 from perf.triton import input_rows
-from setsuna import manifest
+from setsuna import manifest, seal
 from setsuna.errors import ConfigError, SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 
 OUT: Final = Path(".cache/perf/combiner")
 COMBINER: Final = "combiner"
 UNBATCHED: Final = "combiner_unbatched"
+FLOORS: Final = ("python_floor", "bls_floor")
+FLOOR_CONFIG: Final = """\
+name: "NAME"
+backend: "python"
+max_batch_size: 1024
+input [ { name: "features" data_type: TYPE_FP32 dims: [ N_FEATURES ] } ]
+output [ { name: "score" data_type: TYPE_FP32 dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+parameters { key: "member" value { string_value: "MEMBER" } }
+"""
+FLOOR_PY: Final = """\
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.member = json.loads(args["model_config"])["parameters"]["member"]["string_value"]
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "features").as_numpy()
+            if BLS:
+                call = pb_utils.InferenceRequest(
+                    model_name=self.member,
+                    requested_output_names=["score"],
+                    inputs=[pb_utils.Tensor("features", x)],
+                )
+                answer = call.exec()
+                if answer.has_error():
+                    raise pb_utils.TritonModelException(answer.error().message())
+                y = pb_utils.get_output_tensor_by_name(answer, "score").as_numpy()
+            else:
+                y = np.full((len(x), 1), 0.5, dtype=np.float32)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", y)]))
+        return out
+"""
 ROWS: Final = 4096
 CONCURRENCY: Final = (1, 32)
 TARGET_C1_RATIO: Final = 2.0
 TARGET_C32_SHARE: Final = 0.50
 
 
-def build(source: Path, out: Path, *, unbatched: bool) -> tuple[Path, tuple[str, ...]]:
+def build(source: Path, out: Path, *, unbatched: bool, floor: bool) -> tuple[Path, tuple[str, ...]]:
     """The benchmark repository and the members' names, in member order."""
     members_file = source / COMBINER / rep.MEMBERS_FILE
     spec = mem.load(members_file)
@@ -66,6 +112,14 @@ def build(source: Path, out: Path, *, unbatched: bool) -> tuple[Path, tuple[str,
     rep.write_combiner(repo, members_file, n, serving=COMBINER_SERVING)
     if unbatched:
         rep.write_combiner(repo, members_file, n, name=UNBATCHED, serving=rep.Serving(instances=1))
+    if floor:
+        for name in FLOORS:
+            (repo / name / "1").mkdir(parents=True)
+            config = FLOOR_CONFIG.replace("NAME", name).replace("N_FEATURES", str(n))
+            (repo / name / "config.pbtxt").write_text(config.replace("MEMBER", names[0]))
+            code = FLOOR_PY.replace("BLS", str(name == "bls_floor"))
+            (repo / name / "1" / "model.py").write_text(code)
+            seal.seal_model(repo / name)  # the stub guard loads only sealed folders
     return repo, names
 
 
@@ -84,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--window-ms", type=int, default=1000)
     p.add_argument("--unbatched", action="store_true", help="also the combiner with batching off")
+    p.add_argument("--floor", action="store_true", help="also python_floor and bls_floor")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
     try:
@@ -99,8 +154,10 @@ def _main(args: argparse.Namespace) -> int:
     binary = pa.locate()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    repo, names = build(args.model_repository, out, unbatched=args.unbatched)
+    repo, names = build(args.model_repository, out, unbatched=args.unbatched, floor=args.floor)
     combiners = (COMBINER, UNBATCHED) if args.unbatched else (COMBINER,)
+    if args.floor:
+        combiners += FLOORS
     rows, _ = input_rows(manifest.read(repo / names[0] / "1").schema, ROWS)
     data = pa.write_input_json(rows, out / "rows.json", input_name="features")
     load_before = os.getloadavg()
@@ -191,6 +248,8 @@ def _report(
             )
     checks = []
     for c, per_round in ratios.items():
+        if c in FLOORS:  # not a combiner: the bound below any
+            continue
         p50 = [d["c1_p50_ratio"] for d in per_round if "c1_p50_ratio" in d]
         p99 = [d["c1_p99_ratio"] for d in per_round if "c1_p99_ratio" in d]
         share = [d["c32_share"] for d in per_round if "c32_share" in d]
