@@ -155,7 +155,7 @@ def _main(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     repo, names = build(args.model_repository, out, unbatched=args.unbatched, floor=args.floor)
-    combiners = (COMBINER, UNBATCHED) if args.unbatched else (COMBINER,)
+    combiners: tuple[str, ...] = (COMBINER, UNBATCHED) if args.unbatched else (COMBINER,)
     if args.floor:
         combiners += FLOORS
     rows, _ = input_rows(manifest.read(repo / names[0] / "1").schema, ROWS)
