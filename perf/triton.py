@@ -85,7 +85,7 @@ from build_engines.repository import CONFIG_NAME, VERSION, build_config, parse_c
 from build_engines.spec import ModelSpec, ServingSpec
 from build_engines.tuned import TUNED_PATH, spec_has, tuned_knobs, write_tuned
 from perf import perf_analyzer as pa
-from setsuna import manifest
+from setsuna import manifest, seal
 from setsuna.errors import ConfigError, SetsunaError
 from setsuna.schema import INPUT_NAME, FeatureSchema
 from setsuna.server import LocalTriton, ServerSettings, free_ports
@@ -564,6 +564,9 @@ class Sweep:
     ) -> None:
         """Write the variant's config, start a server on it, run ``plan``, stop."""
         (repo / model.name / CONFIG_NAME).write_text(model.config_text(vr.variant))
+        # The seal covers config.pbtxt: sealed again, as a publisher would, or the
+        # stub guard refuses every variant but the one built (seen: all but default).
+        seal.seal_model(repo / model.name)
         http, grpc, metrics = free_ports(3)
         settings = ServerSettings(
             model_repository=repo,
@@ -673,6 +676,16 @@ class Sweep:
                 self.detail_runs(server, vr, data)
 
             self.serve_variant(model, repo, chosen, detail)
+            if chosen.stalled:  # its HTTP or 1,024-row runs stalled: choose again
+                self.echo(f"  {model.name} / {name}: stalled in its detail runs; choosing again")
+                self.stalled.add(name)
+                choice = choose(
+                    results,
+                    s.protocol,
+                    budget_us,
+                    allow_cache=s.allow_cache,
+                    stalled_elsewhere=self.stalled,
+                )
         shutil.rmtree(repo / model.name, ignore_errors=True)
         return {
             "model": model.name,

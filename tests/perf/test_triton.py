@@ -309,6 +309,9 @@ def test_end_to_end_quick_sweep_writes_tuned_file(tmp_path: Path) -> None:
     doc = json.loads((out / "results.json").read_text())
     (m,) = doc["models"]
     assert [v["name"] for v in m["variants"]] == ["default", "db0-2i"]
+    # Each variant's config is sealed again: the stub guard refuses an unsealed one.
+    assert [v["server_error"] for v in m["variants"]] == ["", ""]
+    assert all(v["stall_check"]["requests_checked"] > 0 for v in m["variants"])
     assert m["choice"]["budget_met"] and m["choice"]["variant"] in ("default", "db0-2i")
     check = m["choice"]["stall_check"]  # batching, no queue policy: every request checked
     assert check["stalls"] == 0 and check["requests_checked"] > 100
