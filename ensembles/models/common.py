@@ -172,14 +172,20 @@ class Downstream:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"{model}-bls")
         self.overdue = Overdue(limits.max_overdue_calls)
 
+    def _stuck(self, target: Target) -> DownstreamError | None:
+        """The error a call to ``target`` fails with at once: max_overdue_calls are out."""
+        n = self.overdue.count(target.label)
+        if n < self.overdue.limit:
+            return None
+        return DownstreamError(
+            f"{target.label} has {n} calls unanswered past their timeout; not calling it until "
+            f"one returns (max_overdue_calls={self.overdue.limit}): it is stuck, fix it"
+        )
+
     def _submit(self, target: Target, x: F32, timeout: Timeout) -> Future[Any]:
-        label = target.label
-        n = self.overdue.count(label)
-        if n >= self.overdue.limit:
-            raise DownstreamError(
-                f"{label} has {n} calls unanswered past their timeout; not calling it until "
-                f"one returns (max_overdue_calls={self.overdue.limit}): it is stuck, fix it"
-            )
+        stuck = self._stuck(target)
+        if stuck is not None:
+            raise stuck
         request = bls_request(target, x, max(1, int(timeout[0] * 1e6)))
         return self._pool.submit(request.exec)
 
@@ -213,7 +219,16 @@ class Downstream:
         last answer is in or the time is up. Each item is the response or the
         DownstreamError of that call, in ``targets`` order; a call not back
         within ``timeout`` is abandoned (and counted overdue) as in :meth:`call`.
+        All or nothing: when one target has ``max_overdue_calls`` out, none is
+        called and every item is an error naming it, at once.
         """
+        for t in targets:
+            stuck = self._stuck(t)
+            if stuck is not None:
+                return [
+                    stuck if u is t else DownstreamError(f"{u.label} not called: {stuck}")
+                    for u in targets
+                ]
         out: list[Any] = []
         futures: dict[int, Future[Any]] = {}
         for i, t in enumerate(targets):

@@ -183,6 +183,12 @@ def _pending(s: Served, model: str) -> float:
     return 0.0
 
 
+def _executions(s: Served, model: str) -> int:
+    with s.client() as c:
+        stats = c.get_inference_statistics(model, as_json=True)
+    return int(stats["model_stats"][0].get("execution_count", 0))
+
+
 def _wait(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
     """Poll ``check()`` until it returns something truthy; fail after ``timeout_s``."""
     done = threading.Event()
@@ -255,9 +261,14 @@ def test_a_member_that_never_answers_fails_the_batch_within_its_bound(served: Se
     # 2. The request's own timeout wins (this call waits in stuck's queue behind the first).
     with pytest.raises(InferenceServerException, match=r"within 400 ms \(the request's timeout\)"):
         _infer(served, "waiting", x, timeout_us=400_000)
-    # 3. Two calls overdue (max_overdue_calls=2): the next fails at once, whatever its timeout.
-    with pytest.raises(InferenceServerException, match="stuck:1 has 2 calls unanswered"):
+    # 3. Two calls overdue (max_overdue_calls=2): the next fails at once, whatever its
+    # timeout, and calls no member (alpha's answer would be thrown away).
+    before = _executions(served, "alpha")
+    with pytest.raises(
+        InferenceServerException, match="member alpha:1 not called: stuck:1 has 2 calls unanswered"
+    ):
         _infer(served, "waiting", x)
+    assert _executions(served, "alpha") == before
     # The other combiner, on the same members but alpha, still answers.
     out = _infer(served, "combiner", x)
     want = 0.75 * _oracle("alpha", x) + 0.25 * _oracle("beta", x)
