@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ensembles import repository as rep
 from ensembles import signal
@@ -349,6 +350,27 @@ def test_decide_loads_no_engine_from_outside_the_repository(served: Served) -> N
     finally:
         _set(served, "decide", _experiment(HALF, **AB))
         link.unlink()
+
+
+def test_decide_loads_no_engine_a_trusted_publisher_did_not_seal(served: Served) -> None:
+    """decide runs arms' engines in its own process: it checks their seal as a stub would."""
+    forged = served.repo / "forged"
+    shutil.copytree(served.repo / "alpha", forged)
+    config = forged / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "alpha"', 'name: "forged"'))
+    seal.seal_model(forged, Ed25519PrivateKey.generate())  # signed, but by an outsider
+    try:
+        _set(served, "decide", _experiment({"control": 1.0}, control="forged", treatment="beta"))
+        x = RNG.normal(size=(4, N)).astype(np.float32)
+        for _ in range(4):  # both instances see the file: each refuses it
+            out = _infer(served, "decide", x, [b"a", b"b", b"c", b"d"])
+            assert out.as_numpy("experiment_version").reshape(-1).tolist() == [1] * 4
+        log = served.server.log_path
+        assert log is not None
+        _wait("the log names the untrusted seal", lambda: "not trusted" in log.read_text())
+    finally:
+        _set(served, "decide", _experiment(HALF, **AB))
+        shutil.rmtree(forged)
 
 
 # -- timeouts ------------------------------------------------------------------------
