@@ -66,8 +66,9 @@ I16 = npt.NDArray[np.int16]
 class InProcessArms:
     """Engines of the arms, loaded in this process from ``repo/<model>/<version>/``.
 
-    Each version folder is verified against its manifest first, exactly as the
-    model's own Triton wrapper does, so a tampered engine is refused here too.
+    Each version folder's seal and manifest are verified first, exactly as the
+    model's own Triton wrapper does, so a tampered or foreign engine is refused
+    here too.
     """
 
     def __init__(self, repo: Path) -> None:
