@@ -67,7 +67,8 @@ def parse(
 
 #: Why :func:`batching_hazards` exists, for messages and docs.
 QUEUE_POLICY_STALL = (
-    "dynamic batching with a default_queue_policy (a timeout or max_queue_size) or "
+    "dynamic batching with a default_queue_policy (a timeout, max_queue_size or "
+    "allow_timeout_override) or "
     "priority levels turns payload pre-fetching off in Triton 2.51 (core "
     "scheduler_utils.cc); the batcher is then woken only by a waiting consumer, and a "
     "request arriving between a response and the instance's release sleeps "
@@ -89,7 +90,9 @@ def batching_hazards(cfg: mc.ModelConfig) -> list[str]:
     policy = db.default_queue_policy
     found = []
     if db.HasField("default_queue_policy") and (
-        policy.default_timeout_microseconds or policy.max_queue_size
+        policy.default_timeout_microseconds
+        or policy.max_queue_size
+        or policy.allow_timeout_override  # r24.10 scheduler_utils.cc checks it too
     ):
         found.append("default_queue_policy")
     if db.priority_levels or db.priority_queue_policy:

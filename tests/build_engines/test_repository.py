@@ -162,6 +162,7 @@ def test_fil_and_tensorrt_container_configs_parse(tmp_path: Path) -> None:
         "default_queue_policy { max_queue_size: 4096 }",
         "default_queue_policy { default_timeout_microseconds: 50000 timeout_action: REJECT }",
         "priority_levels: 2 default_priority_level: 1",
+        "default_queue_policy { allow_timeout_override: true }",
     ],
 )
 def test_batching_with_a_queue_policy_is_named_as_the_stall_cause(extra: str) -> None:
