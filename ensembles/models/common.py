@@ -23,6 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from ensembles.experiment import Target
 from ensembles.limits import Limits, Overdue, call_timeout
+from setsuna import deadline
 from setsuna.errors import InputError, SetsunaError
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
@@ -128,9 +129,8 @@ def failure(message: str) -> Any:
 def bls_request(target: Target, x: F32, timeout_us: int = 0) -> Any:
     """One downstream request for a whole batch of rows, pinned to the target's version.
 
-    ``timeout_us`` rides along as the request's Triton timeout (0: none): a
-    downstream dynamic batcher whose queue policy allows the override drops
-    the request once it is stale.
+    ``timeout_us`` rides along as the request's Triton timeout (0: none) and as
+    the deadline parameter setsuna's engines shed by (:mod:`setsuna.deadline`).
     """
     return pb_utils.InferenceRequest(
         model_name=target.model,
@@ -138,6 +138,9 @@ def bls_request(target: Target, x: F32, timeout_us: int = 0) -> Any:
         requested_output_names=[OUTPUT_NAME],
         inputs=[pb_utils.Tensor(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))],
         timeout=timeout_us,
+        # The engine sheds the call if it cannot answer before this model gives up
+        # on it (setsuna.deadline): no computing answers nobody will read.
+        parameters=deadline.parameters(timeout_us / 1e6) if timeout_us > 0 else {},
     )
 
 
