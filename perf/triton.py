@@ -22,14 +22,16 @@ Triton's ``perf_analyzer`` against the wheel's real ``tritonserver``:
 
 **The choice** (per model): the variant with the highest batch-1 throughput
 at any measured concurrency whose client-side p99 stays within the model's
-latency budget (:data:`DEFAULT_BUDGET_P99_MS`; ``--budget-ms name=ms``);
-variants within 5 % of that throughput count as tied and the one with the
-lowest p99 at concurrency 1 wins. Not eligible: the response cache unless
-``--allow-response-cache`` (Triton 2.51 caches a Python-backend error as an
-empty success, see ServingSpec), batching off while ServingSpec cannot
-express it, and any variant that **stalled** on any model (below). If nothing
-fits the budget, the lowest concurrency-1 p99 wins and the result says
-``budget_met: false``.
+latency budget (:data:`DEFAULT_BUDGET_P99_MS`, 10 ms: the serving target at
+c=32; ``--budget-ms name=ms``); variants within 5 % of that throughput count
+as tied, and the fewest instances, then the lowest p99 at concurrency 1 win.
+Not eligible: a c=1 p99 over :data:`C1_BUDGET_P99_US` (1 ms, the single-request
+target), batching off unless ``--allow-batching-off`` (every engine is served
+with dynamic batching; the batching-off variants stay as the baseline), the
+response cache unless ``--allow-response-cache`` (Triton 2.51 caches a
+Python-backend error as an empty success, see ServingSpec), and any variant
+that **stalled** on any model (below). If nothing fits the budget, the lowest
+concurrency-1 p99 wins and the result says ``budget_met: false``.
 
 **Stalls**: every run writes perf_analyzer's per-request export, and a request
 slower than :data:`~perf.perf_analyzer.STALL_LATENCY_US` (400 ms) is a stall,
@@ -90,17 +92,25 @@ from setsuna.errors import ConfigError, SetsunaError
 from setsuna.schema import INPUT_NAME, FeatureSchema
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 
-#: Client-side p99 budget per batch-1 request, milliseconds. On two cores shared with
-#: the load generator a one-row request costs ~0.6-1.5 ms p99 at concurrency 1 for all
-#: four examples (the INT8 LSTM included), so 2 ms leaves room for a little queueing;
-#: concurrency 32 costs ~10 ms p99 on any config here (Little's law: 32 / ~8k/s), so a
-#: budget "at c=32" would rule out everything. A desk sets its own with --budget-ms.
-DEFAULT_BUDGET_P99_MS: Final = {"lightgbm": 2.0, "xgboost": 2.0, "mlp": 2.0, "lstm": 2.0}
+#: Client-side p99 budget per batch-1 request under load, milliseconds: the serving
+#: target (c=32: >= 10,000 infer/s with p99 <= 10 ms, perf/targets.py), so the choice
+#: is the most throughput a config gives within it, while C1_BUDGET_P99_US holds the
+#: single-request target. (A 2 ms budget, used until the batcher stall was fixed,
+#: capped every config at c=2-8, where batching off wins: 4-5.6k infer/s, against
+#: 10-12k with batching at c=32, measured 2026-12-01.) A desk sets its own with
+#: --budget-ms.
+DEFAULT_BUDGET_P99_MS: Final = {
+    "lightgbm": 10.0,
+    "xgboost": 10.0,
+    "mlp": 10.0,
+    "lstm": 10.0,
+    "eurusd_lgbm": 10.0,
+}
 #: A variant whose single-request (c=1) p99 exceeds this is not eligible: a trading
 #: call that arrives alone must stay fast, whatever the config gains under load
 #: (a 500 us batching delay won 7.3k infer/s at c=8 but took c=1 p99 to 1.6 ms).
 C1_BUDGET_P99_US: Final = 1000.0
-FALLBACK_BUDGET_P99_MS: Final = 2.0
+FALLBACK_BUDGET_P99_MS: Final = 10.0
 CONCURRENCY: Final = (1, 2, 4, 8, 16, 32)
 BATCH_ROWS: Final = 1024
 #: Server response-cache size: holds ~100 one-row entries, far fewer than the input rows.
@@ -383,6 +393,7 @@ def choose(
     budget_us: float,
     *,
     allow_cache: bool = False,
+    allow_batching_off: bool = False,
     c1_budget_us: float = C1_BUDGET_P99_US,
     stalled_elsewhere: Collection[str] = (),
 ) -> Choice:
@@ -410,6 +421,12 @@ def choose(
             not_eligible[v.name] = (
                 "response cache: Triton 2.51 caches a Python-backend error as an empty success "
                 "(--allow-response-cache to consider it)"
+            )
+        elif not v.dynamic_batching and not allow_batching_off:
+            not_eligible[v.name] = (
+                "batching off: every engine is served with dynamic batching (no queue policy, "
+                "so it does not stall); measured as the baseline (--allow-batching-off to "
+                "consider it)"
             )
         elif vr.c1_p99_us(protocol) > c1_budget_us:
             too_slow_alone.append(vr)
@@ -471,8 +488,9 @@ class Settings:
     stability_pct: float = 50.0
     max_trials: int = 10
     batch_rows: int = BATCH_ROWS
-    max_minutes: float = 25.0
+    max_minutes: float = 40.0
     allow_cache: bool = False
+    allow_batching_off: bool = False
 
     @property
     def other_protocol(self) -> pa.Protocol:
@@ -665,6 +683,7 @@ class Sweep:
             s.protocol,
             budget_us,
             allow_cache=s.allow_cache,
+            allow_batching_off=s.allow_batching_off,
             stalled_elsewhere=self.stalled,
         )
         if choice.variant is not None and choice.variant.variant.name != "default":
@@ -684,6 +703,7 @@ class Sweep:
                     s.protocol,
                     budget_us,
                     allow_cache=s.allow_cache,
+                    allow_batching_off=s.allow_batching_off,
                     stalled_elsewhere=self.stalled,
                 )
         shutil.rmtree(repo / model.name, ignore_errors=True)
@@ -806,7 +826,11 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_note: str) -> str:
         f"budget), time windows of {s.window_ms} ms, stability {s.stability_pct:g} %. "
         f"Server response cache {CACHE_BYTES // 1024} KiB (far fewer entries than rows: "
         "cache-variant figures are misses). Choice: highest throughput at any level with "
-        f"p99 within the model's budget; within {TIE_SHARE:.0%} of it, lowest c=1 p99. "
+        f"p99 within the model's budget; within {TIE_SHARE:.0%} of it, fewest instances, "
+        f"then lowest c=1 p99. Not eligible: c=1 p99 over {C1_BUDGET_P99_US / 1000:g} ms"
+        + ("" if s.allow_batching_off else ", batching off (the baseline)")
+        + ("" if s.allow_cache else ", the response cache")
+        + ". "
         "Stall check: every request of every run (perf_analyzer's profile export); one "
         f"slower than {pa.STALL_LATENCY_US / 1000:g} ms, or refused by a queue timeout, makes "
         "the variant not eligible for every model. Configs carry no Triton queue policy.",
@@ -1061,7 +1085,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window-ms", type=int, default=500)
     p.add_argument("--stability-pct", type=float, default=50.0)
     p.add_argument("--max-trials", type=int, default=10)
-    p.add_argument("--max-minutes", type=float, default=25.0, help="start no run after this")
+    p.add_argument("--max-minutes", type=float, default=40.0, help="start no run after this")
     p.add_argument(
         "--quick",
         action="store_true",
@@ -1073,6 +1097,11 @@ def _parser() -> argparse.ArgumentParser:
         help="variants known to stall on this Triton build (from an earlier sweep): not eligible",
     )
     p.add_argument("--allow-response-cache", action="store_true")
+    p.add_argument(
+        "--allow-batching-off",
+        action="store_true",
+        help="let a batching-off variant be chosen (default: measured as the baseline only)",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--tuned", type=Path, default=TUNED_PATH, help="file the choice is merged into")
     p.add_argument("--no-write-tuned", action="store_true", help="report only")
@@ -1107,6 +1136,7 @@ def _main(args: argparse.Namespace) -> int:
         max_trials=args.max_trials,
         max_minutes=args.max_minutes,
         allow_cache=args.allow_response_cache,
+        allow_batching_off=args.allow_batching_off,
     )
     repo: Path = args.model_repository
     if not repo.is_dir():
@@ -1171,6 +1201,7 @@ def _main(args: argparse.Namespace) -> int:
                 settings.protocol,
                 r["budget_p99_ms"] * 1000,
                 allow_cache=settings.allow_cache,
+                allow_batching_off=settings.allow_batching_off,
                 stalled_elsewhere=sweep.stalled,
             )
             r["choice"] = _choice_json(r["_choice"], settings.protocol)

@@ -107,18 +107,33 @@ def test_a_variant_slow_for_a_lone_request_is_not_eligible() -> None:
     assert only_slow.variant is slow_alone and not only_slow.budget_met
 
 
-def test_cache_and_inexpressible_variants_are_not_eligible() -> None:
+def test_cache_and_batching_off_are_not_eligible_unless_allowed() -> None:
     cache = _result(VARIANTS["db100-2i-cache"], (1, 9000, 0.2))
     off = _result(VARIANTS["nobatch-2i"], (1, 8000, 0.3))
     default = _result(VARIANTS["default"], (1, 1000, 1.0))
     choice = triton.choose([default, cache, off], "grpc", 2000)
+    assert choice.variant is default
     assert "db100-2i-cache" in choice.not_eligible
+    assert choice.not_eligible["nobatch-2i"].startswith("batching off")
     if spec_has("dynamic_batching"):
-        assert choice.variant is off
-    else:
-        assert choice.variant is default and "nobatch-2i" in choice.not_eligible
+        allowed_off = triton.choose([default, cache, off], "grpc", 2000, allow_batching_off=True)
+        assert allowed_off.variant is off
     allowed = triton.choose([default, cache], "grpc", 2000, allow_cache=True)
     assert allowed.variant is cache
+
+
+def test_default_budget_is_the_c32_target() -> None:
+    """10 ms at c=32 (>= 10k infer/s) and 1 ms at c=1: the serving targets."""
+    assert set(triton.DEFAULT_BUDGET_P99_MS.values()) == {10.0}
+    assert triton.FALLBACK_BUDGET_P99_MS == 10.0 and triton.C1_BUDGET_P99_US == 1000.0
+    # Measured shapes (lightgbm, 2026-12-01): batching off wins only under a 2 ms budget.
+    off = _result(VARIANTS["nobatch-1i"], (1, 3037, 0.58), (2, 4748, 0.78), (32, 3961, 12.5))
+    on = _result(VARIANTS["db100-2i-nopref"], (1, 1742, 0.82), (2, 2478, 1.6), (32, 12132, 7.1))
+    budget_us = triton.DEFAULT_BUDGET_P99_MS["lightgbm"] * 1000
+    choice = triton.choose([off, on], "grpc", budget_us, allow_batching_off=True)
+    assert choice.variant is on and choice.point is not None
+    assert choice.point.spec.concurrency == 32
+    assert triton.choose([off, on], "grpc", 2000, allow_batching_off=True).variant is off
 
 
 def test_nothing_within_budget_falls_back_to_lowest_latency() -> None:
@@ -140,7 +155,7 @@ def test_one_queue_timeout_disqualifies_a_variant_however_fast() -> None:
     fast = _result(VARIANTS["db100-2i-nopref"], (1, 3000, 0.5), (8, 12000, 1.5))
     stall = "Thread [3] had error: Request timeout expired"
     fast.runs.append(_run("db100-2i-nopref", 16, 0, 0, ok=False, message=stall))
-    safe = _result(VARIANTS["nobatch-2i"], (1, 2900, 0.5), (8, 6000, 1.8))
+    safe = _result(VARIANTS["db0-2i"], (1, 2900, 0.5), (8, 6000, 1.8))
     choice = triton.choose([fast, safe], "grpc", 2000)
     assert choice.variant is safe
     assert "500 ms" in choice.not_eligible["db100-2i-nopref"]
@@ -162,7 +177,7 @@ def test_batching_variants_without_stalls_are_eligible_again() -> None:
     """Batching wins on throughput once nothing stalls (the stall was the queue policy's)."""
     batching = _result(VARIANTS["db100-2i-nopref"], (1, 2800, 0.6), (8, 11000, 1.8))
     off = _result(VARIANTS["nobatch-2i"], (1, 2900, 0.5), (8, 6000, 1.8))
-    choice = triton.choose([batching, off], "grpc", 2000)
+    choice = triton.choose([batching, off], "grpc", 2000, allow_batching_off=True)
     assert choice.variant is batching and not choice.not_eligible
     assert "queue policy" in triton.STALL_WHY and "500 ms" in triton.STALL_WHY
 
@@ -210,7 +225,7 @@ def test_report_shows_stalls_requests_checked_and_the_slowest() -> None:
 
 def test_a_variant_that_stalled_on_another_model_is_not_eligible() -> None:
     fast = _result(VARIANTS["db100-2i-nopref"], (1, 3000, 0.5), (8, 12000, 1.5))
-    safe = _result(VARIANTS["nobatch-2i"], (1, 2900, 0.5), (8, 6000, 1.8))
+    safe = _result(VARIANTS["db0-2i"], (1, 2900, 0.5), (8, 6000, 1.8))
     assert triton.choose([fast, safe], "grpc", 2000).variant is fast
     choice = triton.choose([fast, safe], "grpc", 2000, stalled_elsewhere={"db100-2i-nopref"})
     assert choice.variant is safe and "another model" in choice.not_eligible["db100-2i-nopref"]
