@@ -10,7 +10,7 @@ p99 at c=32, rows/s with 1,024-row binary requests (c=1, 2, 4), the memory of
 the server and its stub processes (PSS, so shared pages are counted once; the
 plain RSS sum is printed too), and **stalls**: a ``--stall-seconds`` (60) run
 at c=1 over gRPC whose every request is checked in perf_analyzer's profile
-export; one slower than 400 ms (``perf_analyzer.STALL_LATENCY_US``, the
+export; one slower than 450 ms (``perf_analyzer.STALL_LATENCY_US``, the
 dynamic batcher's 500 ms sleep) or refused by a queue timeout is a stall, and
 the target is none. Writes nothing but a JSON summary in
 ``.cache/perf/targets.json``.

@@ -34,7 +34,7 @@ that **stalled** on any model (below). If nothing fits the budget, the lowest
 concurrency-1 p99 wins and the result says ``budget_met: false``.
 
 **Stalls**: every run writes perf_analyzer's per-request export, and a request
-slower than :data:`~perf.perf_analyzer.STALL_LATENCY_US` (400 ms) is a stall,
+slower than :data:`~perf.perf_analyzer.STALL_LATENCY_US` (450 ms) is a stall,
 as is a request Triton refused with ``Request timeout expired`` (a hand-made
 config with a queue policy). In Triton 2.51 a ``default_queue_policy`` turns
 the dynamic batcher's payload pre-fetching off, and a request that lands

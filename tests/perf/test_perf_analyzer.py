@@ -211,7 +211,7 @@ def _binary() -> pa.Binary:
 
 #: A row whose first value is this makes the identity model sleep SLOW_S: a stall.
 SLOW_MAGIC = 4242.0
-SLOW_S = 0.45
+SLOW_S = 0.55
 
 IDENTITY_PY = f"""\
 import time
@@ -293,7 +293,7 @@ def test_real_run_counts_a_slow_request_that_percentiles_hide(
 ) -> None:
     server, _ = identity
     rows = np.random.default_rng(20).standard_normal((3000, 4)).astype(np.float32)
-    rows[1000, 0] = SLOW_MAGIC  # one request in 3,000 sleeps 450 ms
+    rows[1000, 0] = SLOW_MAGIC  # one request in 3,000 sleeps 550 ms
     data = pa.write_input_json(rows, tmp_path / "rows.json", input_name="features")
     spec = pa.RunSpec(
         "identity", server.grpc_url, "grpc", input_data=data, window_ms=200, timeout_s=60

@@ -219,7 +219,7 @@ def test_report_shows_stalls_requests_checked_and_the_slowest() -> None:
         "requests_checked": 11_900,
         "unchecked_runs": 0,
         "max_latency_ms": 5.4,
-        "stall_latency_ms": 400.0,
+        "stall_latency_ms": 450.0,
     }
 
 
@@ -330,7 +330,7 @@ def test_end_to_end_quick_sweep_writes_tuned_file(tmp_path: Path) -> None:
     assert m["choice"]["budget_met"] and m["choice"]["variant"] in ("default", "db0-2i")
     check = m["choice"]["stall_check"]  # batching, no queue policy: every request checked
     assert check["stalls"] == 0 and check["requests_checked"] > 100
-    assert check["unchecked_runs"] == 0 and 0 < check["max_latency_ms"] < 400
+    assert check["unchecked_runs"] == 0 and 0 < check["max_latency_ms"] < 450
     assert "synthetic" in m["input"]["origin"]  # no example data set has 6 features
     assert "## logit" in (out / "report.md").read_text()
     specs = load_tuned(tuned)
