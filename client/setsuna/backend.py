@@ -18,6 +18,7 @@ Triton's Python backend stub.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,6 @@ class TritonPythonModel:
 
 def _shed_margin_us(args: dict[str, Any]) -> float:
     """Config parameter ``shed_margin_us``: time kept for the answer's way back (default 200)."""
-    import json
-
     params = json.loads(args.get("model_config", "{}")).get("parameters", {})
     raw = params.get("shed_margin_us", {}).get("string_value", "")
     if not raw:
