@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,9 +27,8 @@ import pytest
 
 from ensembles import repository as rep
 from ensembles.limits import Limits
-from setsuna import seal
 from setsuna.server import LocalTriton, ServerSettings, free_ports
-from tests.helpers import build_logistic_models
+from tests.helpers import Gate, build_logistic_models, stuck_model
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -41,66 +39,6 @@ W = {name: RNG.normal(size=N).astype(np.float32) for name in ("alpha", "beta")}
 PATIENT = Limits(bls_timeout_ms=60_000)
 PATIENT_US = 60_000_000  # a request timeout no loaded machine reaches
 BATCHED = rep.Serving(instances=1, dynamic_batching=True)  # no queue policy: see Measuring
-
-STUCK_CONFIG = f"""\
-name: "stuck"
-backend: "python"
-max_batch_size: 1024
-input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {N} ] }} ]
-output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-parameters {{ key: "leaf" value {{ string_value: "true" }} }}
-parameters {{ key: "release" value {{ string_value: "RELEASE" }} }}
-parameters {{ key: "started" value {{ string_value: "STARTED" }} }}
-"""
-# Each execute announces itself on `started`, then blocks until the test writes one
-# byte to `release`; it answers 0.5 for every row. The FIFOs are opened O_RDWR so no
-# open() blocks.
-STUCK_PY = """\
-import json
-import os
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.release = os.open(params["release"]["string_value"], os.O_RDWR)
-        self.started = os.open(params["started"]["string_value"], os.O_RDWR)
-
-    def execute(self, requests):
-        os.write(self.started, b"s")
-        os.read(self.release, 1)
-        out = []
-        for r in requests:
-            n = len(pb_utils.get_input_tensor_by_name(r, "features").as_numpy())
-            score = np.full((n, 1), 0.5, dtype=np.float32)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", score)]))
-        return out
-"""
-
-
-@dataclass
-class Gate:
-    release: int
-    started: int
-
-    def wait_started(self, timeout_s: float = 60.0) -> None:
-        ready, _, _ = select.select([self.started], [], [], timeout_s)
-        assert ready, "stuck never started executing"
-        os.read(self.started, 1)
-
-    def open(self, n: int = 1) -> None:
-        os.write(self.release, b"r" * n)
-
-    def drain(self) -> int:
-        """Forget the executes announced so far; how many there were."""
-        n = 0
-        while select.select([self.started], [], [], 0)[0]:
-            n += len(os.read(self.started, 4096))
-        return n
 
 
 @dataclass
@@ -127,15 +65,7 @@ def _members(*names: str) -> dict[str, Any]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("combiner")
     repo = build_logistic_models(root, W, RNG.normal(size=(400, N)).astype(np.float32))
-    release, started = root / "stuck.release", root / "stuck.started"
-    os.mkfifo(release)
-    os.mkfifo(started)
-    (repo / "stuck" / "1").mkdir(parents=True)
-    config = STUCK_CONFIG.replace("RELEASE", str(release)).replace("STARTED", str(started))
-    (repo / "stuck" / "config.pbtxt").write_text(config)
-    (repo / "stuck" / "1" / "model.py").write_text(STUCK_PY)
-    seal.seal_model(repo / "stuck")  # the stub guard loads only sealed folders
-    gate = Gate(os.open(release, os.O_RDWR), os.open(started, os.O_RDWR))
+    gate = stuck_model(repo, root, N)
     files = root / "files"
     files.mkdir()
     (files / "ab.json").write_text(json.dumps(_members("alpha", "beta")))

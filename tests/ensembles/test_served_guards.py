@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
 import threading
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from ensembles import signal
 from ensembles.limits import Limits
 from setsuna import seal
 from setsuna.server import LocalTriton, ServerSettings, free_ports
-from tests.helpers import build_logistic_models
+from tests.helpers import Gate, build_logistic_models, stuck_model
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -44,58 +43,6 @@ RNG = np.random.default_rng(5)
 W = {name: RNG.normal(size=N).astype(np.float32) for name in ("alpha", "beta")}
 CACHE_BYTES = 64 << 10
 PATIENT_US = 60_000_000  # a request timeout no loaded machine reaches
-
-STUCK_CONFIG = f"""\
-name: "stuck"
-backend: "python"
-max_batch_size: 1024
-input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {N} ] }} ]
-output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-parameters {{ key: "leaf" value {{ string_value: "true" }} }}
-parameters {{ key: "release" value {{ string_value: "RELEASE" }} }}
-parameters {{ key: "started" value {{ string_value: "STARTED" }} }}
-"""
-# Each execute announces itself on `started`, then blocks until the test writes one
-# byte to `release` (the FIFOs are opened O_RDWR so no open() blocks).
-STUCK_PY = """\
-import json
-import os
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.release = os.open(params["release"]["string_value"], os.O_RDWR)
-        self.started = os.open(params["started"]["string_value"], os.O_RDWR)
-
-    def execute(self, requests):
-        os.write(self.started, b"s")
-        os.read(self.release, 1)
-        out = []
-        for r in requests:
-            n = len(pb_utils.get_input_tensor_by_name(r, "features").as_numpy())
-            score = np.full((n, 1), 0.5, dtype=np.float32)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", score)]))
-        return out
-"""
-
-
-@dataclass
-class Gate:
-    release: int
-    started: int
-
-    def wait_started(self, timeout_s: float = 60.0) -> None:
-        ready, _, _ = select.select([self.started], [], [], timeout_s)
-        assert ready, "stuck never started executing"
-        os.read(self.started, 1)
-
-    def open(self, n: int) -> None:
-        os.write(self.release, b"r" * n)
 
 
 @dataclass
@@ -127,15 +74,7 @@ HALF = {"control": 0.5, "treatment": 0.5}
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("guards")
     repo = build_logistic_models(root, W, RNG.normal(size=(400, N)).astype(np.float32))
-    release, started = root / "stuck.release", root / "stuck.started"
-    os.mkfifo(release)
-    os.mkfifo(started)
-    (repo / "stuck" / "1").mkdir(parents=True)
-    config = STUCK_CONFIG.replace("RELEASE", str(release)).replace("STARTED", str(started))
-    (repo / "stuck" / "config.pbtxt").write_text(config)
-    (repo / "stuck" / "1" / "model.py").write_text(STUCK_PY)
-    seal.seal_model(repo / "stuck")  # the stub guard loads only sealed folders
-    gate = Gate(os.open(release, os.O_RDWR), os.open(started, os.O_RDWR))
+    gate = stuck_model(repo, root, N)
     files = root / "files"
     files.mkdir()
     patient = Limits(bls_timeout_ms=60_000, max_key_cache_bytes=CACHE_BYTES, watch_interval_ms=50)
