@@ -39,6 +39,12 @@ SHADOW = "mlp"
 #: No queue policy: one turns off 2.51's prefetching and with it brings the ~500 ms
 #: stalls back (docs/architecture.md, Measuring).
 COMBINER_SERVING = rep.Serving(instances=1, dynamic_batching=True)
+#: ``decide`` (features to a decision in one hop) keeps ONE instance: with two, c=32
+#: gains (59-70 % of the direct call's throughput instead of 40-56 %) but c=1 loses
+#: (p50 1.5-1.7x the direct call's instead of 1.0-1.3x): at c=1 the batcher hands
+#: the instances requests in turn and each runs cold (one row's execute 440-475 us
+#: in the stub instead of 270-325 us). See docs/architecture.md, "What a hop costs".
+DECIDE_SERVING = rep.Serving(instances=1)
 
 
 def _prior(repo: Path, model: str) -> float:
@@ -94,6 +100,7 @@ def write_examples(repo: Path) -> list[Path]:
                 name="decide",
                 in_process=True,
                 thresholds=signal.Thresholds(),
+                serving=DECIDE_SERVING,
             )
         )
         out.append(rep.write_combiner(repo, files / "members.json", n, serving=COMBINER_SERVING))

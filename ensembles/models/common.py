@@ -80,14 +80,25 @@ def config_path(args: Mapping[str, Any], value: str) -> Path:
 
 def request_parameters(request: Any) -> dict[str, Any]:
     raw = request.parameters()
-    if not raw:
+    if not raw or raw == "{}":  # the usual case: no JSON to parse
         return {}
     out = json.loads(raw)
     return out if isinstance(out, dict) else {}
 
 
-def features(request: Any, *, allow_nan: bool) -> F32:
-    x: F32 = pb_utils.get_input_tensor_by_name(request, INPUT_NAME).as_numpy()
+def inputs(request: Any) -> dict[str, Any]:
+    """A request's input tensors by name: one ``inputs()`` call, however many are read.
+
+    (``pb_utils.get_input_tensor_by_name`` builds the list of inputs again on each call.)
+    """
+    return {t.name(): t for t in request.inputs()}
+
+
+def features(request: Any, *, allow_nan: bool, tensors: dict[str, Any] | None = None) -> F32:
+    tensor = (tensors if tensors is not None else inputs(request)).get(INPUT_NAME)
+    if tensor is None:  # Triton checks required inputs; a model config could drop it
+        raise InputError(f"input '{INPUT_NAME}' is missing")
+    x: F32 = tensor.as_numpy()
     if not allow_nan and not np.isfinite(x).all():
         row = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0])
         raise InputError(

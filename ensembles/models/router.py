@@ -297,13 +297,15 @@ class RouterBase:
         peak.set(now[4])
         self._cache_published = now
 
-    def _arms(self, exp: experiment.Experiment, request: Any, rows: int) -> I16:
+    def _arms(
+        self, exp: experiment.Experiment, request: Any, tensors: dict[str, Any], rows: int
+    ) -> I16:
         params = common.request_parameters(request)
         forced = params.get("arm")
         if forced is not None:
             return np.full(rows, exp.arm_index(str(forced)), dtype=np.int16)
         limit = self.limits.max_key_bytes
-        key_tensor = pb_utils.get_input_tensor_by_name(request, KEY_INPUT)
+        key_tensor = tensors.get(KEY_INPUT)
         if key_tensor is not None:
             given = key_tensor.as_numpy().reshape(-1).tolist()
             if len(given) != rows:
@@ -327,8 +329,9 @@ class RouterBase:
         xs, arms = [], []
         for i, r in enumerate(requests):
             try:
-                x = common.features(r, allow_nan=self.allow_nan)
-                assigned = self._arms(exp, r, len(x))
+                tensors = common.inputs(r)
+                x = common.features(r, allow_nan=self.allow_nan, tensors=tensors)
+                assigned = self._arms(exp, r, tensors, len(x))
             except (SetsunaError, ValueError) as exc:
                 # No local may keep `exc`: its traceback holds this frame, and the cycle
                 # would keep the refused request's tensors alive until a GC pass.

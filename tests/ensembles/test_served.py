@@ -187,7 +187,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (files / "bad.json").write_text(json.dumps(_members("alpha", "faulty")))
     rep.write_combiner(repo, files / "good.json", N_FEATURES, name="combiner", limits=PATIENT)
     rep.write_combiner(repo, files / "bad.json", N_FEATURES, name="combiner_bad", limits=PATIENT)
-    cached = rep.Serving(instances=1, response_cache=True)  # no batcher: no 2.51 stall
+    cached = rep.Serving(instances=1, response_cache=True)  # pins 2.51 cache behaviour below
     rep.write_signal(repo, {1: THRESHOLDS}, name="signal_cached", serving=cached)
     (files / "selector.json").write_text(json.dumps(_selector(1000.0)))
     outcomes = root / "outcomes.db"
