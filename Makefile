@@ -58,7 +58,7 @@ perf: $(STAMP) perf-setup
 	test -f $(REPO)/local/lightgbm/config.pbtxt || $(MAKE) build-engines
 	$(PY) -m perf.triton --model-repository $(REPO)/local $(PERF_FLAGS)
 	$(PY) -m perf.targets --model-repository $(REPO)/local
-	$(PY) -m perf.ensembles --model-repository $(REPO)/local
+	$(PY) -m perf.ensembles --model-repository $(REPO)/local --rounds 5
 	$(PY) perf/features.py
 
 ## Hardening probes against a real local tritonserver (tiny models in a temp dir; ~1 min, not CI):
