@@ -23,8 +23,9 @@ Triton's ``perf_analyzer`` against the wheel's real ``tritonserver``:
 **The choice** (per model): the variant with the highest batch-1 throughput
 at any measured concurrency whose client-side p99 stays within the model's
 latency budget (:data:`DEFAULT_BUDGET_P99_MS`, 10 ms: the serving target at
-c=32; ``--budget-ms name=ms``); variants within 5 % of that throughput count
-as tied, and the fewest instances, then the lowest p99 at concurrency 1 win.
+c=32; ``--budget-ms name=ms``); variants within 20 % of that throughput count
+as tied (``TIE_SHARE``: the run-to-run spread here), and the fewest instances,
+then the lowest p99 at concurrency 1 win.
 Not eligible: a c=1 p99 over :data:`C1_BUDGET_P99_US` (1 ms, the single-request
 target), batching off unless ``--allow-batching-off`` (every engine is served
 with dynamic batching; the batching-off variants stay as the baseline), the
@@ -117,7 +118,12 @@ BATCH_ROWS: Final = 1024
 CACHE_BYTES: Final = 16 * 1024
 #: Distinct input rows written per model (>= BATCH_ROWS; perf_analyzer cycles through them).
 INPUT_ROWS: Final = 4096
-TIE_SHARE: Final = 0.05
+#: Variants this close to the best throughput count as tied (then fewest instances win).
+#: 20 %: one config's c=32 figure moves by 15-30 % between back-to-back runs on this
+#: 2-core host (lightgbm db100-1i 6.6-8.8k infer/s over three rounds), so a smaller
+#: gap is noise, and an extra Python-backend instance costs a process of its own
+#: (26-41 MB PSS, python_floor 28 MB): it must buy more than the noise to be kept.
+TIE_SHARE: Final = 0.20
 #: Why a stall disqualifies a variant (see :meth:`VariantResult.stalled`).
 STALL_WHY: Final = (
     f"a request stalled (slower than {pa.STALL_LATENCY_US / 1000:g} ms, or refused with "
@@ -397,7 +403,7 @@ def choose(
     c1_budget_us: float = C1_BUDGET_P99_US,
     stalled_elsewhere: Collection[str] = (),
 ) -> Choice:
-    """Highest throughput within the p99 budget; among ties (5 %), fewest instances, then
+    """Highest throughput within the p99 budget; among ties (``TIE_SHARE``), fewest instances, then
     the lowest c=1 p99.
 
     Fewest instances first because each Python-backend instance is a process of its
