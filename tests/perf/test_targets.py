@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from perf import perf_analyzer as pa
@@ -40,3 +43,24 @@ def test_a_run_that_could_not_be_checked_misses() -> None:
     assert not ok and "no profile export" in got
     _, got, ok = targets.stall_check(None, 0, {"x": _run(message="boom")})
     assert not ok and got.startswith("not run") and "0 in 0 requests" in got
+
+
+def test_memory_is_broken_down_per_model_from_the_stub_command_lines(tmp_path: Path) -> None:
+    """A real process tree: this process as the server, two stubs of one model, one of another."""
+    script = "import time; time.sleep(60)"
+    kids = []
+    for model in ("mem_alpha", "mem_alpha", "mem_beta"):
+        path = tmp_path / model / "1" / "model.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+        kids.append(subprocess.Popen([sys.executable, str(path)]))
+    try:
+        mem = targets.measure_memory(os.getpid())
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait()
+    assert mem.per_model["mem_alpha"][0] == 2 and mem.per_model["mem_beta"][0] == 1
+    assert mem.per_model["tritonserver"][0] == 1
+    assert abs(sum(v for _, v in mem.per_model.values()) - mem.pss_mib) < 1e-6
+    assert "mem_alpha 2x" in mem.describe() and mem.pss_mb > mem.per_model["mem_beta"][1]
