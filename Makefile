@@ -32,8 +32,8 @@ build-engines: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m setsuna.server --model-repository $(REPO)/local
 
-stop:
-	-pkill -TERM -f "tritonserver.*$(REPO)/local" || true
+stop: $(STAMP)
+	$(PY) -m setsuna.server --stop --model-repository $(REPO)/local
 
 ## Main job: build the engines, then replay unseen real market data through the pipeline.
 demo: build-engines

@@ -56,7 +56,7 @@ from typing import Final, Self
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from setsuna import seal, stub_guard
+from setsuna import seal, serve_lock, stub_guard
 from setsuna.errors import ConfigError, ServerError, SetsunaError
 from setsuna.watchdog import ModelWatchdog
 
@@ -1056,6 +1056,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the local Triton server on a setsuna model repository until Ctrl-C.",
     )
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop the setsuna.server serving --model-repository (SIGTERM, then wait) and exit",
+    )
     p.add_argument("--http-port", type=int, default=d["http_port"].default)
     p.add_argument("--grpc-port", type=int, default=d["grpc_port"].default)
     p.add_argument("--metrics-port", type=int, default=d["metrics_port"].default)
@@ -1101,6 +1106,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     dying needs a person, and then this exits 1).
     """
     args = _parser().parse_args(argv)
+    if args.stop:
+        return _stop(args.model_repository)
+    lock = serve_lock.ServeLock(args.model_repository)
+    try:
+        lock.acquire()  # one server per repository; `--stop` finds it by this lock
+    except ServerError as exc:
+        print(f"setsuna.server: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _serve(args)
+    finally:
+        lock.release()
+
+
+def _stop(repository: Path) -> int:
+    try:
+        pid = serve_lock.stop(repository)
+    except ServerError as exc:
+        print(f"setsuna.server: {exc}", file=sys.stderr)
+        return 1
+    print(f"stopped setsuna.server pid {pid}" if pid else f"no setsuna.server serves {repository}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings(
             model_repository=args.model_repository,

@@ -380,6 +380,46 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
         socket.create_connection(("127.0.0.1", grpc), timeout=5).close()
 
 
+def test_cli_one_server_per_repository_and_stop_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make serve` twice on one repository: refused; `make stop`: ends that server only."""
+    _model(tmp_path / "repo", "identity", IDENTITY_PY)
+    http, grpc, metrics = free_ports(3)
+    env = dict(os.environ, SETSUNA_ADMIN_TOKEN="t" * 24, XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    repo = ["--model-repository", str(tmp_path / "repo")]
+    argv = [sys.executable, "-m", "setsuna.server", *repo]
+    ports = ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    with subprocess.Popen(
+        [*argv, *ports], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # blocks until the banner (or the process exits)
+            if line.startswith("Press Ctrl-C"):
+                break
+        other = [str(p) for p in free_ports(3)]
+        second = subprocess.run(
+            [*argv, "--http-port", other[0], "--grpc-port", other[1], "--metrics-port", other[2]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2
+        assert f"(pid {proc.pid}) already serves" in second.stderr
+        stop = subprocess.run(
+            [*argv, "--stop"], env=env, capture_output=True, text=True, timeout=90
+        )
+        assert stop.returncode == 0, stop.stderr
+        assert f"stopped setsuna.server pid {proc.pid}" in stop.stdout
+        assert proc.wait(timeout=5) == 0  # --stop returned once it had stopped
+    with pytest.raises(ConnectionRefusedError):  # tritonserver went with it
+        socket.create_connection(("127.0.0.1", grpc), timeout=5).close()
+    again = subprocess.run([*argv, "--stop"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "no setsuna.server serves" in again.stdout
+
+
 def test_cli_bad_settings_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--model-repository", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
