@@ -8,7 +8,7 @@ same task) it writes:
   sticky by key) with mlp:1 as the shadow, arms called through BLS;
 - ``signal`` and the ``decision`` ensemble (router -> signal);
 - ``decide``: the same experiment, arms in process, the signal applied: one hop;
-- ``combiner``: the mean of lightgbm, xgboost and mlp;
+- ``combiner``: the mean of lightgbm, xgboost and mlp, their engines in process;
 - ``selector`` over lightgbm:1 and xgboost:1 with a 2 ms p99 budget, and
   ``feedback`` recording outcomes for it (SQLite beside the feedback model).
 
@@ -34,11 +34,14 @@ from setsuna.errors import ConfigError, SetsunaError
 
 ARMS = ("lightgbm", "xgboost")
 SHADOW = "mlp"
-#: The combiner batches: one execute, one call per member for every queued request
-#: (perf/combiner.py: 11-15 % of its slowest member's throughput at c=32 without).
-#: No queue policy: one turns off 2.51's prefetching and with it brings the ~500 ms
-#: stalls back (docs/architecture.md, Measuring).
+#: The combiner batches: one execute, one engine call per member for every queued
+#: request (perf/combiner.py: 11-15 % of its slowest member's throughput at c=32
+#: without). No queue policy: one turns off 2.51's prefetching and with it brings
+#: the ~500 ms stalls back (docs/architecture.md, Measuring).
 COMBINER_SERVING = rep.Serving(instances=1, dynamic_batching=True)
+#: Its members run in its own process: three BLS round trips at c=1 cost 2.9-4.8x
+#: the slowest member (one alone 1.3-2.0x); in process, an engine call each.
+COMBINER_IN_PROCESS = True
 #: ``decide`` (features to a decision in one hop) keeps ONE instance: with two, c=32
 #: gains (59-70 % of the direct call's throughput instead of 40-56 %) but c=1 loses
 #: (p50 1.5-1.7x the direct call's instead of 1.0-1.3x): at c=1 the batcher hands
@@ -103,7 +106,15 @@ def write_examples(repo: Path) -> list[Path]:
                 serving=DECIDE_SERVING,
             )
         )
-        out.append(rep.write_combiner(repo, files / "members.json", n, serving=COMBINER_SERVING))
+        out.append(
+            rep.write_combiner(
+                repo,
+                files / "members.json",
+                n,
+                serving=COMBINER_SERVING,
+                in_process=COMBINER_IN_PROCESS,
+            )
+        )
         outcomes = Path("..") / "feedback" / "outcomes.db"  # beside the feedback model
         out.append(
             rep.write_selector(repo, files / "selector.json", n, outcomes_db=outcomes, serving=one)

@@ -30,6 +30,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from build_engines.repository import CONFIG_NAME, parse_config
 from ensembles import cycles, experiment, members, selection, signal
+from ensembles.experiment import Target
 from ensembles.limits import Limits
 from setsuna import seal
 from setsuna.errors import ConfigError
@@ -112,6 +113,16 @@ def _sealed(folder: Path) -> Path:
     return folder
 
 
+def _require_folders(repo: Path, targets: tuple[Target, ...], what: str) -> None:
+    """Engines run in process must be built: refuse at write time, not at load."""
+    missing = [t.label for t in targets if not (repo / t.model / str(t.version)).is_dir()]
+    if missing:
+        raise ConfigError(
+            f"{what} {missing} have no version folder in {repo}; "
+            "build them first (make build-engines)"
+        )
+
+
 def write_router(
     repo: Path,
     experiment_file: Path,
@@ -134,12 +145,7 @@ def write_router(
     exp = experiment.load(experiment_file)  # refuse a bad file at build time
     cycles.check(repo, name, experiment.callees(exp), str(experiment_file))
     if in_process:
-        missing = [t.label for t in exp.targets if not (repo / t.model / str(t.version)).is_dir()]
-        if missing:
-            raise ConfigError(
-                f"in-process arms {missing} have no version folder in {repo}; "
-                "build them first (make build-engines)"
-            )
+        _require_folders(repo, exp.targets, "in-process arms")
     cfg = mc.ModelConfig(name=name, backend="python")
     serving.apply(cfg)
     cfg.input.append(mc.ModelInput(**_io(INPUT_NAME, mc.TYPE_FP32, [n_features])))
@@ -196,15 +202,21 @@ def write_combiner(
     name: str = "combiner",
     serving: Serving = Serving(),
     limits: Limits | None = None,
+    in_process: bool = False,
 ) -> Path:
+    """The combiner over ``members_file``'s engines; ``in_process``: their engines run
+    inside it (loaded from their verified folders) instead of through BLS."""
     spec = members.load(members_file)
     cycles.check(repo, name, (("member", t) for t in spec.targets), str(members_file))
+    if in_process:
+        _require_folders(repo, spec.targets, "in-process members")
     cfg = mc.ModelConfig(name=name, backend="python")
     serving.apply(cfg)
     cfg.input.append(mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=[n_features]))
     cfg.output.append(mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[1]))
     cfg.output.append(mc.ModelOutput(name="models", data_type=mc.TYPE_STRING, dims=[1]))
     cfg.parameters["members_file"].string_value = MEMBERS_FILE
+    cfg.parameters["in_process"].string_value = "true" if in_process else "false"
     _limits(cfg, limits)
     folder = _write(repo, cfg, {1: "combiner"})
     shutil.copyfile(members_file, folder / MEMBERS_FILE)

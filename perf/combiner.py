@@ -6,9 +6,10 @@ Builds a repository in ``.cache/perf/combiner/`` from the built members of
 the example combiner (``<repo>/combiner/members.json``: lightgbm, xgboost,
 mlp, their tuned configs copied as built) and writes the ``combiner`` over
 them as ``python -m ensembles`` does (``COMBINER_SERVING``: one instance,
-dynamic batching, no queue policy); ``--unbatched`` adds
-``combiner_unbatched``, the same model with batching off (as it shipped
-before). Then perf_analyzer (gRPC, distinct held-out rows, one row per
+dynamic batching, no queue policy; the members' engines in its process);
+``--bls`` adds ``combiner_bls``, the same model calling its members through
+BLS (as it shipped before), and ``--unbatched`` ``combiner_unbatched``, that
+one with batching off too. Then perf_analyzer (gRPC, distinct held-out rows, one row per
 request) drives every member and combiner at concurrency 1 and 32,
 ``--rounds`` times, interleaved (round 1: each model at c=1, then each at
 c=32; round 2: ...), so that load from elsewhere on the host falls on all of
@@ -41,7 +42,7 @@ from typing import Any, Final
 
 from ensembles import members as mem
 from ensembles import repository as rep
-from ensembles.__main__ import COMBINER_SERVING
+from ensembles.__main__ import COMBINER_IN_PROCESS, COMBINER_SERVING
 from perf import perf_analyzer as pa
 from perf.triton import input_rows
 from setsuna import manifest, seal
@@ -51,6 +52,7 @@ from setsuna.server import LocalTriton, ServerSettings, free_ports
 OUT: Final = Path(".cache/perf/combiner")
 COMBINER: Final = "combiner"
 UNBATCHED: Final = "combiner_unbatched"
+BLS: Final = "combiner_bls"
 FLOORS: Final = ("python_floor", "bls_floor")
 FLOOR_CONFIG: Final = """\
 name: "NAME"
@@ -97,7 +99,9 @@ TARGET_C1_RATIO: Final = 2.0
 TARGET_C32_SHARE: Final = 0.50
 
 
-def build(source: Path, out: Path, *, unbatched: bool, floor: bool) -> tuple[Path, tuple[str, ...]]:
+def build(
+    source: Path, out: Path, *, unbatched: bool, floor: bool, bls: bool = False
+) -> tuple[Path, tuple[str, ...]]:
     """The benchmark repository and the members' names, in member order."""
     members_file = source / COMBINER / rep.MEMBERS_FILE
     spec = mem.load(members_file)
@@ -109,9 +113,14 @@ def build(source: Path, out: Path, *, unbatched: bool, floor: bool) -> tuple[Pat
     for name in names:
         shutil.copytree(source / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     n = manifest.read(repo / names[0] / "1").schema.row_shape[0]
-    rep.write_combiner(repo, members_file, n, serving=COMBINER_SERVING)
+    rep.write_combiner(
+        repo, members_file, n, serving=COMBINER_SERVING, in_process=COMBINER_IN_PROCESS
+    )
+    if bls:
+        rep.write_combiner(repo, members_file, n, name=BLS, serving=COMBINER_SERVING)
     if unbatched:
-        rep.write_combiner(repo, members_file, n, name=UNBATCHED, serving=rep.Serving(instances=1))
+        off = rep.Serving(instances=1, dynamic_batching=False)
+        rep.write_combiner(repo, members_file, n, name=UNBATCHED, serving=off)
     if floor:
         for name in FLOORS:
             (repo / name / "1").mkdir(parents=True)
@@ -137,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-repository", type=Path, default=Path("model_repository/local"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--window-ms", type=int, default=1000)
-    p.add_argument("--unbatched", action="store_true", help="also the combiner with batching off")
+    p.add_argument("--bls", action="store_true", help="also the combiner calling members by BLS")
+    p.add_argument("--unbatched", action="store_true", help="also the BLS one with batching off")
     p.add_argument("--floor", action="store_true", help="also python_floor and bls_floor")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
@@ -154,8 +164,12 @@ def _main(args: argparse.Namespace) -> int:
     binary = pa.locate()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    repo, names = build(args.model_repository, out, unbatched=args.unbatched, floor=args.floor)
-    combiners: tuple[str, ...] = (COMBINER, UNBATCHED) if args.unbatched else (COMBINER,)
+    repo, names = build(
+        args.model_repository, out, unbatched=args.unbatched, floor=args.floor, bls=args.bls
+    )
+    combiners: tuple[str, ...] = (COMBINER,)
+    combiners += (BLS,) if args.bls else ()
+    combiners += (UNBATCHED,) if args.unbatched else ()
     if args.floor:
         combiners += FLOORS
     rows, _ = input_rows(manifest.read(repo / names[0] / "1").schema, ROWS)

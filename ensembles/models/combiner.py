@@ -1,7 +1,11 @@
-"""The combiner: every member scores the whole batch at once (BLS), one answer.
+"""The combiner: every member scores the whole batch at once, one answer.
 
-One downstream request per member per execute, all in flight together, and
-one bounded wait for them (:meth:`common.Downstream.call_all`); the
+With ``in_process`` (the example's layout) the members' engines are loaded
+into this process from their verified version folders
+(:mod:`ensembles.models.in_process`) and each scores the batch in one native
+call: one hop from features to the combined answer. Without it, one
+downstream request per member per execute (BLS), all in flight together, and
+one bounded wait for them (:meth:`common.Downstream.call_all`). The
 combination (weighted mean or logit stacking, :mod:`ensembles.members`) is
 array arithmetic. A member's error fails the batch's requests with that error:
 a partial ensemble is a different model, so it is never returned quietly.
@@ -15,11 +19,13 @@ batching (the example's serving) one execute serves every queued request
 with one call per member (perf/combiner.py has the figures).
 
 Config parameters: ``members_file`` (required; absolute or relative to the
-model folder), ``allow_nan`` (default false), ``bls_timeout_ms``,
+model folder), ``in_process`` (default false), ``allow_nan`` (default false),
+``bls_timeout_ms``,
 ``watch_interval_ms``, ``max_overdue_calls`` (:mod:`ensembles.limits`).
 The file is watched like the router's (:mod:`ensembles.watch`); a bad one,
-or one naming a model that is not an engine (:mod:`ensembles.cycles`), keeps
-the previous one serving (logged and counted).
+one naming a model that is not an engine (:mod:`ensembles.cycles`), or (in
+process) one whose engines cannot load keeps the previous one serving
+(logged and counted).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import triton_python_backend_utils as pb_utils
 from ensembles import cycles, members
 from ensembles.limits import Limits
 from ensembles.models import common
+from ensembles.models.in_process import InProcessEngines
 from ensembles.watch import Poller, Watched, shared_copy
 from setsuna.errors import ConfigError
 from setsuna.schema import OUTPUT_NAME
@@ -58,6 +65,9 @@ class TritonPythonModel:
             raise ConfigError(f"{self.name}: config parameter 'members_file' is required")
         self.limits = Limits.from_parameters(params, self.name)
         self.repo = Path(args["model_repository"]).parent
+        self.engines: InProcessEngines | None = None
+        if params.get("in_process", "false").lower() == "true":
+            self.engines = InProcessEngines(self.repo)
         path = common.config_path(args, params["members_file"])
         self.watch = Watched(path, self._loads, shared=shared_copy(path, self.name))
         self.calls = common.Downstream(self.name, self.limits)
@@ -83,6 +93,8 @@ class TritonPythonModel:
     def _loads(self, data: bytes, origin: str) -> members.Members:
         spec = members.loads(data, origin)
         cycles.check(self.repo, self.name, (("member", t) for t in spec.targets), origin)
+        if self.engines is not None:
+            self.engines.prepare(spec.targets)  # all or nothing: a file that cannot load is bad
         return spec
 
     def _poll(self) -> None:
@@ -99,12 +111,8 @@ class TritonPythonModel:
         responses, kept, xs, x = common.stack(self.name, requests, allow_nan=self.allow_nan)
         if x is None:
             return responses
-        timeout = common.timeout_of([requests[i] for i in kept], self.limits)
-        answers = self.calls.call_all(spec.targets, x, timeout)
         try:
-            scores = [
-                common.bls_score(a, t, len(x)) for a, t in zip(answers, spec.targets, strict=True)
-            ]
+            scores = self._scores(spec, requests, kept, x)
         except common.DownstreamError as exc:
             for i in kept:
                 responses[i] = common.failure(f"{self.name}: member {exc}")
@@ -117,6 +125,25 @@ class TritonPythonModel:
                 outputs.append(pb_utils.Tensor(MODELS_OUTPUT, _column(label, sl.stop - sl.start)))
             responses[i] = pb_utils.InferenceResponse(output_tensors=outputs)
         return responses
+
+    def _scores(
+        self, spec: members.Members, requests: list[Any], kept: list[int], x: Any
+    ) -> list[Any]:
+        """Every member's ``[n, 1]`` scores of the batch, or the first member's failure."""
+        if self.engines is not None:
+            scores = []
+            for t in spec.targets:
+                try:
+                    y = np.asarray(self.engines.predict(t, x), dtype=np.float32).reshape(-1, 1)
+                except Exception as exc:  # an engine failure fails the batch, visibly
+                    raise common.DownstreamError(f"{t.label} failed: {exc}") from None
+                if len(y) != len(x):
+                    raise common.DownstreamError(f"{t.label} returned {len(y)} rows for {len(x)}")
+                scores.append(y)
+            return scores
+        timeout = common.timeout_of([requests[i] for i in kept], self.limits)
+        answers = self.calls.call_all(spec.targets, x, timeout)
+        return [common.bls_score(a, t, len(x)) for a, t in zip(answers, spec.targets, strict=True)]
 
     def finalize(self) -> None:
         self._poller.stop()

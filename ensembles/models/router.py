@@ -49,45 +49,18 @@ import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
-from ensembles import cycles, experiment, keys, names, signal
+from ensembles import cycles, experiment, keys, signal
 from ensembles.cache import ScoreCache, row_keys
 from ensembles.limits import Limits
 from ensembles.models import common
+from ensembles.models.in_process import InProcessEngines
 from ensembles.watch import Change, Poller, Watched, shared_copy
-from setsuna import manifest, runtime
 from setsuna.errors import ConfigError, InputError, SetsunaError
 from setsuna.schema import OUTPUT_NAME
 
 KEY_INPUT = "key"
 INSTANCE_OUTPUT = "instance"
 I16 = npt.NDArray[np.int16]
-
-
-class InProcessArms:
-    """Engines of the arms, loaded in this process from ``repo/<model>/<version>/``.
-
-    Each version folder's seal and manifest are verified first, exactly as the
-    model's own Triton wrapper does, so a tampered or foreign engine is refused
-    here too.
-    """
-
-    def __init__(self, repo: Path) -> None:
-        self.repo = repo
-        self.engines: dict[str, runtime.Engine] = {}
-
-    def prepare(self, targets: tuple[experiment.Target, ...]) -> None:
-        """Load every target not loaded yet; all or nothing."""
-        fresh = {}
-        for t in targets:
-            if t.label in self.engines or t.label in fresh:
-                continue
-            folder = names.inside(self.repo, t.model, str(t.version))  # never outside the repo
-            m = manifest.verify_sealed(folder)  # signed by a trusted publisher, as a stub would
-            fresh[t.label] = runtime.load(m.engine, folder, m.engine_params)
-        self.engines.update(fresh)
-
-    def predict(self, target: experiment.Target, x: npt.NDArray[np.float32]) -> Any:
-        return self.engines[target.label].predict(x)
 
 
 @dataclass
@@ -135,9 +108,9 @@ class RouterBase:
         self.thresholds = signal.load_thresholds(thresholds) if thresholds.is_file() else None
         # in_process: arms run in this process, loaded from their verified version
         # folders in the same repository: one hop instead of a BLS round trip each.
-        self.arms: InProcessArms | None = None
+        self.arms: InProcessEngines | None = None
         if params.get("in_process", "false").lower() == "true":
-            self.arms = InProcessArms(self.repo)
+            self.arms = InProcessEngines(self.repo)
         path = common.config_path(args, params["experiment_file"])
         self.watch = Watched(path, self._loads, shared=shared_copy(path, self.name))
         self._poll_lock = threading.Lock()

@@ -8,25 +8,31 @@ events, not sleeps. On top:
 - ``combiner`` (alpha, beta; batching on, one instance, like the example);
 - ``gated`` (alpha, stuck; a patient timeout): holds its only instance while
   the test queues requests behind it, so the next execute takes them all;
-- ``waiting`` (alpha, stuck; calls time out after 300 ms, 2 overdue at most).
+- ``waiting`` (alpha, stuck; calls time out after 300 ms, 2 overdue at most);
+- ``local`` (alpha, beta run in its own process, like the example combiner).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ensembles import repository as rep
 from ensembles.limits import Limits
+from setsuna import seal
+from setsuna.errors import ConfigError
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import Gate, build_logistic_models, stuck_model
 
@@ -45,6 +51,7 @@ BATCHED = rep.Serving(instances=1, dynamic_batching=True)  # no queue policy: se
 class Served:
     server: LocalTriton
     gate: Gate
+    repo: Path
 
     def client(self) -> Any:
         return grpcclient.InferenceServerClient(self.server.grpc_url)
@@ -74,10 +81,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     rep.write_combiner(repo, files / "stuck.json", N, name="gated", serving=BATCHED, limits=PATIENT)
     hasty = Limits(bls_timeout_ms=300, max_overdue_calls=2)
     rep.write_combiner(repo, files / "stuck.json", N, name="waiting", serving=BATCHED, limits=hasty)
+    fast = Limits(watch_interval_ms=50)
+    rep.write_combiner(
+        repo, files / "ab.json", N, name="local", serving=BATCHED, limits=fast, in_process=True
+    )
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
     with LocalTriton(settings, log_path=root / "triton.log") as server:
-        yield Served(server, gate)
+        yield Served(server, gate, repo)
     os.close(gate.release)
     os.close(gate.started)
 
@@ -230,3 +241,57 @@ def test_the_example_combiner_batches_without_a_queue_policy() -> None:
     # allow_timeout_override alone turns prefetching off too (scheduler_utils.cc, r24.10)
     assert not cfg.dynamic_batching.default_queue_policy.allow_timeout_override
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
+
+
+def test_in_process_members_answer_like_their_own_models(served: Served) -> None:
+    """The example layout: one hop, the members' engines inside the combiner."""
+    xs = [RNG.normal(size=(1 + i % 4, N)).astype(np.float32) for i in range(32)]
+    with ThreadPoolExecutor(8) as pool:
+        local = list(pool.map(lambda x: _infer(served, "local", x), xs))
+        via_bls = list(pool.map(lambda x: _infer(served, "combiner", x), xs))
+    for x, a, b in zip(xs, local, via_bls, strict=True):
+        want = 0.75 * _oracle("alpha", x) + 0.25 * _oracle("beta", x)
+        np.testing.assert_allclose(a.as_numpy("score"), want, atol=1e-6)
+        np.testing.assert_allclose(a.as_numpy("score"), b.as_numpy("score"), atol=1e-7)
+        assert a.as_numpy("models").reshape(-1).tolist() == [b"alpha:1,beta:1"] * len(x)
+
+
+def _set_members(s: Served, model: str, doc: dict[str, Any]) -> None:
+    """Replace a combiner's member file in one step, as an operator should (temp + rename)."""
+    path = s.repo / model / rep.MEMBERS_FILE
+    tmp = path.with_name(".members.json.tmp")
+    tmp.write_text(json.dumps(doc))
+    st = tmp.stat()
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new stamp, always
+    tmp.replace(path)
+
+
+def test_in_process_members_load_no_engine_a_trusted_publisher_did_not_seal(
+    served: Served,
+) -> None:
+    """Engines run in the combiner's process are checked as their own stubs would check them."""
+    forged = served.repo / "forged"
+    shutil.copytree(served.repo / "alpha", forged)
+    config = forged / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "alpha"', 'name: "forged"'))
+    seal.seal_model(forged, Ed25519PrivateKey.generate())  # signed, but by an outsider
+    log = served.server.log_path
+    assert log is not None
+    try:
+        _set_members(served, "local", _members("forged", "beta"))
+        _wait("the log names the untrusted seal", lambda: "not trusted" in log.read_text())
+        x = RNG.normal(size=(3, N)).astype(np.float32)
+        out = _infer(served, "local", x)  # the previous members keep serving
+        assert out.as_numpy("models").reshape(-1).tolist() == [b"alpha:1,beta:1"] * 3
+        want = 0.75 * _oracle("alpha", x) + 0.25 * _oracle("beta", x)
+        np.testing.assert_allclose(out.as_numpy("score"), want, atol=1e-6)
+    finally:
+        _set_members(served, "local", _members("alpha", "beta"))
+        shutil.rmtree(forged)
+
+
+def test_an_in_process_combiner_needs_its_members_built(tmp_path: Path) -> None:
+    (tmp_path / "m.json").write_text(json.dumps(_members("alpha", "beta")))
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(ConfigError, match=r"member alpha:1 is not in the model repository"):
+        rep.write_combiner(tmp_path / "repo", tmp_path / "m.json", N, in_process=True)
