@@ -474,10 +474,16 @@ def choose(
         return Choice(None, None, False, "no eligible variant produced a result", not_eligible)
     vr = min(eligible or too_slow_alone, key=lambda e: e.c1_p99_us(protocol))
     pts = vr.sweep(protocol)
-    why = (
-        f"no variant kept p99 <= {budget_ms:g} ms at any concurrency; "
-        "the lowest concurrency-1 p99 wins"
-    )
+    if eligible:
+        why = (
+            f"no variant kept p99 <= {budget_ms:g} ms at any concurrency; "
+            "the lowest concurrency-1 p99 wins"
+        )
+    else:
+        why = (
+            f"no variant kept its c=1 p99 within the single-request budget of "
+            f"{c1_budget_us / 1000:g} ms; the lowest concurrency-1 p99 wins"
+        )
     return Choice(vr, pts[0] if pts else None, False, why, not_eligible)
 
 

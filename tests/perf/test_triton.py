@@ -114,6 +114,7 @@ def test_a_variant_slow_for_a_lone_request_is_not_eligible() -> None:
     assert "single-request" in choice.not_eligible["db500-2i"]
     only_slow = triton.choose([slow_alone], "grpc", 2000)
     assert only_slow.variant is slow_alone and not only_slow.budget_met
+    assert "c=1 p99 within the single-request budget of 1 ms" in only_slow.why
 
 
 def test_cache_and_batching_off_are_not_eligible_unless_allowed() -> None:
