@@ -139,6 +139,41 @@ def test_client_answers_with_model_version_and_types_its_errors(served: Served) 
         assert h.infer("fx_logit", x).version == "1"
 
 
+def test_warm_up_reads_metadata_ahead_and_fails_like_a_call(served: Served) -> None:
+    with Client(served.server.grpc_url, models=["fx_logit", "decide"]) as c:
+        info = c.model_info("fx_logit")  # from the cache filled at construction
+        assert info.name == "fx_logit" and "score" in info.outputs
+        c.warm_up()  # no model: the connection alone
+    with pytest.raises(ModelNotReadyError):
+        Client(served.server.grpc_url, models=["no_such_model"])
+    (port,) = free_ports(1)
+    with pytest.raises(UnavailableError):
+        Client(f"127.0.0.1:{port}").warm_up()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_async_client_has_the_sync_clients_api(served: Served, protocol: str) -> None:
+    url = served.server.grpc_url if protocol == "grpc" else served.server.http_url
+    x = np.zeros((2, len(SPEC)), np.float32)
+
+    async def go() -> tuple[bool, bool, int, int]:
+        async with AsyncClient(url, protocol, models=["fx_logit"]) as c:  # type: ignore[arg-type]
+            await c.wait_ready("fx_logit", timeout_s=30)
+            p = await c.infer("fx_logit", x)
+            stats = await c.statistics("fx_logit")
+            return (
+                await c.model_ready("fx_logit"),
+                await c.model_ready("no_such_model"),
+                stats["fx_logit:1"]["success"],
+                len(p["score"]),
+            )
+
+    ready, missing, success, rows = asyncio.run(go())
+    assert ready and not missing and success >= 1 and rows == 2
+    with Client(url, protocol) as c:  # type: ignore[arg-type]
+        assert c.statistics("fx_logit")["fx_logit:1"]["success"] >= 1  # HTTP too
+
+
 def test_unreachable_server_is_unavailable_after_bounded_retries() -> None:
     (port,) = free_ports(1)
     settings = ClientSettings(deadline_ms=200, max_retries=2, backoff_initial_ms=1)
