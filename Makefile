@@ -37,7 +37,7 @@ stop: $(STAMP)
 
 ## Main job: build the engines, then replay unseen real market data through the pipeline.
 demo: build-engines
-	$(PY) -m build_engines.demo --model-repository $(REPO)/local
+	$(PY) -m demo --model-repository $(REPO)/local
 
 test: $(STAMP) perf-setup
 	$(PY) -m pytest

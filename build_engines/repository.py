@@ -3,7 +3,7 @@
 Configs are built as ``ModelConfig`` protobuf messages (Triton's own schema,
 shipped in ``tritonclient.grpc.model_config_pb2``) and written with
 ``text_format``, so a config that the schema would reject cannot be written
-at all; :func:`parse_config` reads one back the same way
+at all; :func:`setsuna.model_config.parse` reads one back the same way
 (:mod:`setsuna.model_config`) for the tests and for users' hand-edited files.
 
 A model is published whole: written under a hidden name beside the live
@@ -35,7 +35,7 @@ from build_engines.report import Report
 from build_engines.spec import ModelSpec
 from setsuna import manifest, model_config, publish
 from setsuna.errors import ConfigError
-from setsuna.model_config import CONFIG_NAME as CONFIG_NAME  # re-exported: ensembles, perf
+from setsuna.model_config import CONFIG_NAME
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
 VERSION = 1
@@ -51,18 +51,6 @@ from setsuna.backend import TritonPythonModel
 
 __all__ = ["TritonPythonModel"]
 '''
-
-
-def parse_config(
-    text: str | bytes, *, origin: str = CONFIG_NAME, name: str | None = None
-) -> mc.ModelConfig:
-    """Parse ``config.pbtxt`` text with Triton's schema, or raise ConfigError.
-
-    Kept for the callers that import it from here; the rules (file, line and
-    column in the message, the name matching the folder) live in
-    :mod:`setsuna.model_config`, shared with the server launcher.
-    """
-    return model_config.parse(text, origin=origin, name=name)
 
 
 def build_config(
@@ -140,7 +128,7 @@ def write_model(
     if hazards:  # build_config never adds a queue policy; this keeps it that way
         raise ConfigError("; ".join(hazards))
     text = text_format.MessageToString(cfg)
-    parse_config(text, name=spec.name)  # round-trip through the schema before anything
+    model_config.parse(text, name=spec.name)  # round-trip through the schema before anything
 
     def write(folder: Path) -> None:
         _write_folder(folder, text, spec, source, candidate, target, report)

@@ -28,12 +28,12 @@ from typing import Any, Final
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from build_engines.repository import CONFIG_NAME, parse_config
 from ensembles import cycles, experiment, members, selection, signal
 from ensembles.experiment import Target
 from ensembles.limits import Limits
-from setsuna import seal
+from setsuna import model_config, seal
 from setsuna.errors import ConfigError
+from setsuna.model_config import CONFIG_NAME
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
 EXPERIMENT_FILE: Final = "experiment.json"
@@ -97,7 +97,7 @@ def _limits(cfg: mc.ModelConfig, limits: Limits | None) -> None:
 
 def _write(repo: Path, cfg: mc.ModelConfig, versions: dict[int, str] | None) -> Path:
     text = text_format.MessageToString(cfg)
-    parse_config(text)
+    model_config.parse(text)
     folder = repo / str(cfg.name)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(text)

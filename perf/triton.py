@@ -84,12 +84,13 @@ import numpy as np
 from google.protobuf import text_format
 
 from build_engines.base import F32, Candidate, Source, SourceKind, Task
-from build_engines.repository import CONFIG_NAME, VERSION, build_config, parse_config
+from build_engines.repository import VERSION, build_config
 from build_engines.spec import ModelSpec, ServingSpec
 from build_engines.tuned import TUNED_PATH, spec_has, tuned_knobs, write_tuned
 from perf import perf_analyzer as pa
-from setsuna import manifest, seal
+from setsuna import manifest, model_config, seal
 from setsuna.errors import ConfigError, SetsunaError
+from setsuna.model_config import CONFIG_NAME
 from setsuna.schema import INPUT_NAME, FeatureSchema
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 
@@ -259,7 +260,7 @@ class ServedModel:
         if not variant.dynamic_batching:
             cfg.ClearField("dynamic_batching")
         text = str(text_format.MessageToString(cfg))
-        parse_config(text)
+        model_config.parse(text)
         return text
 
     def stage(self, repo: Path) -> Path:
@@ -738,10 +739,10 @@ def _config_drift(model: ServedModel, default: Variant) -> str:
     """Whether the built repository's config differs from what ServingSpec() builds now."""
     path = model.version_dir.parent / CONFIG_NAME
     try:
-        built = parse_config(path.read_text())
+        built = model_config.parse(path.read_text())
     except (OSError, ConfigError) as exc:
         return f"cannot read {path}: {exc}"
-    now = parse_config(model.config_text(default))
+    now = model_config.parse(model.config_text(default))
     if built == now:
         return ""
     return (

@@ -93,8 +93,9 @@ def test_bad_arguments_exit_2_with_advice(
 def test_tuned_settings_reach_the_written_config(
     model_file: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from build_engines.repository import CONFIG_NAME, parse_config
     from build_engines.tuned import write_tuned
+    from setsuna.model_config import CONFIG_NAME
+    from setsuna.model_config import parse as parse_config
 
     model, rows = model_file
     tuned = write_tuned(

@@ -10,10 +10,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build_engines import gate
 from build_engines.base import F32, Built, Source
 from build_engines.build import build_model
-from build_engines.repository import CONFIG_NAME, parse_config
 from build_engines.spec import ModelSpec, ServingSpec
 from setsuna import manifest, model_config
 from setsuna.errors import ConfigError, GateError
+from setsuna.model_config import CONFIG_NAME
+from setsuna.model_config import parse as parse_config
 from tests.helpers import logistic_candidate, logistic_source
 
 RNG = np.random.default_rng(1)

@@ -18,12 +18,13 @@ import pytest
 from build_engines import gate
 from build_engines.base import F32, Built, Source
 from build_engines.build import build_model
-from build_engines.repository import CONFIG_NAME, parse_config
 from build_engines.spec import ModelSpec, ServingSpec
 from build_engines.tuned import apply_knobs, load_tuned, spec_has, tuned_knobs, write_tuned
 from perf import perf_analyzer as pa
 from perf import triton
 from setsuna.errors import ConfigError
+from setsuna.model_config import CONFIG_NAME
+from setsuna.model_config import parse as parse_config
 from tests.helpers import logistic_candidate, logistic_source
 
 W = np.random.default_rng(2).normal(size=6).astype(np.float32)

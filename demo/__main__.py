@@ -1,4 +1,4 @@
-"""``python -m build_engines.demo``: the main job, end to end on real market data.
+"""``python -m demo``: the main job, end to end on real market data.
 
 After ``make build-engines`` (which trains ``eurusd_lgbm`` on the first 70 %
 of backtesting's EURUSD hourly bars through ``setsuna dataset`` features):
@@ -59,7 +59,7 @@ def write_decide(repo: Path, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m build_engines.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     p.add_argument("--model-repository", type=Path, default=Path("model_repository/local"))
     p.add_argument("--out", type=Path, default=Path(".cache/demo"))
     args = p.parse_args(argv)
