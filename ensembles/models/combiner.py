@@ -31,7 +31,6 @@ process) one whose engines cannot load keeps the previous one serving
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,11 +38,9 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from ensembles import cycles, members
-from ensembles.limits import Limits
 from ensembles.models import common
+from ensembles.models.base import WatchedFileModel
 from ensembles.models.in_process import InProcessEngines
-from ensembles.watch import Poller, Watched, shared_copy
-from setsuna.errors import ConfigError
 from setsuna.schema import OUTPUT_NAME
 
 MODELS_OUTPUT = "models"
@@ -57,37 +54,18 @@ def _column(label: bytes, rows: int) -> npt.NDArray[np.object_]:
     return out
 
 
-class TritonPythonModel:
+class TritonPythonModel(WatchedFileModel[members.Members]):
+    KIND = "combiner"
+    FILE_PARAMETER = "members_file"
+
     def initialize(self, args: dict[str, Any]) -> None:
-        self.name = args["model_name"]
-        params = common.model_parameters(args)
-        if not params.get("members_file"):
-            raise ConfigError(f"{self.name}: config parameter 'members_file' is required")
-        self.limits = Limits.from_parameters(params, self.name)
-        self.repo = Path(args["model_repository"]).parent
-        self.engines: InProcessEngines | None = None
-        if params.get("in_process", "false").lower() == "true":
-            self.engines = InProcessEngines(self.repo)
-        path = common.config_path(args, params["members_file"])
-        self.watch = Watched(path, self._loads, shared=shared_copy(path, self.name))
+        self.setup(args, self._loads)
         self.calls = common.Downstream(self.name, self.limits)
-        self.allow_nan = params.get("allow_nan", "false").lower() == "true"
-        self._failure_family = pb_utils.MetricFamily(
-            name="setsuna_combiner_reload_failures_total",
-            description="Member files refused at reload, per instance (the previous one kept "
-            "serving)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
-        instance = str(args.get("model_instance_name", self.name))
-        self._failures = self._failure_family.Metric(
-            labels={"combiner": self.name, "instance": instance}
-        )
-        self._poll()
-        self._poller = Poller(
-            self._poll,
-            self.limits.watch_interval_ms / 1e3,
-            lambda exc: pb_utils.Logger.log_error(f"{self.name}: watching failed: {exc}"),
-            name=f"{self.name}-watch",
+        self.start_watching()
+
+    def before_watch(self) -> None:
+        self.engines: InProcessEngines | None = (
+            InProcessEngines(self.repo) if self.flag("in_process") else None
         )
 
     def _loads(self, data: bytes, origin: str) -> members.Members:
@@ -97,16 +75,8 @@ class TritonPythonModel:
             self.engines.prepare(spec.targets)  # all or nothing: a file that cannot load is bad
         return spec
 
-    def _poll(self) -> None:
-        for change in self.watch.poll():
-            if change.refused:
-                self._failures.increment(1)
-                pb_utils.Logger.log_error(f"{self.name}: {change.refused}")
-            if change.note:
-                pb_utils.Logger.log_warn(f"{self.name}: {change.note}")
-
     def execute(self, requests: list[Any]) -> list[Any]:
-        self._poll()
+        self.poll()
         spec = self.watch.current
         responses, kept, xs, x = common.stack(self.name, requests, allow_nan=self.allow_nan)
         if x is None:
@@ -146,5 +116,5 @@ class TritonPythonModel:
         return [common.bls_score(a, t, len(x)) for a, t in zip(answers, spec.targets, strict=True)]
 
     def finalize(self) -> None:
-        self._poller.stop()
+        self.stop_watching()
         self.calls.close()

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from dataclasses import dataclass, field
 from itertools import compress
@@ -51,11 +50,10 @@ import triton_python_backend_utils as pb_utils
 
 from ensembles import cycles, experiment, keys, signal
 from ensembles.cache import ScoreCache, row_keys
-from ensembles.limits import Limits
 from ensembles.models import common
+from ensembles.models.base import WatchedFileModel
 from ensembles.models.in_process import InProcessEngines
-from ensembles.watch import Change, Poller, Watched, shared_copy
-from setsuna.errors import ConfigError, InputError, SetsunaError
+from setsuna.errors import InputError, SetsunaError
 from setsuna.schema import OUTPUT_NAME
 
 KEY_INPUT = "key"
@@ -89,31 +87,27 @@ class Batch:
         return self.x if len(rows) == len(self.x) else self.x[rows]
 
 
-class RouterBase:
+class RouterBase(WatchedFileModel[experiment.Experiment]):
     """Everything but how the arms are called (BLS here, in-process in ``decide``)."""
 
-    def initialize(self, args: dict[str, Any]) -> None:
-        self.name = args["model_name"]
-        self.instance = str(args.get("model_instance_name", self.name))
-        params = common.model_parameters(args)
-        if not params.get("experiment_file"):
-            raise ConfigError(f"{self.name}: config parameter 'experiment_file' is required")
-        self.limits = Limits.from_parameters(params, self.name)
+    KIND = "router"
+    FILE_PARAMETER = "experiment_file"
+
+    def before_watch(self) -> None:
         self.keys = keys.KeyCache(self.limits.max_key_cache_bytes)
-        self.allow_nan = params.get("allow_nan", "false").lower() == "true"
+        # in_process: arms run in this process, loaded from their verified version
+        # folders in the same repository: one hop instead of a BLS round trip each.
+        self.arms: InProcessEngines | None = (
+            InProcessEngines(self.repo) if self.flag("in_process") else None
+        )
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        self.setup(args, self._loads)
+        params = self.params
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.repo = Path(args["model_repository"]).parent
         self.label = f"{self.name}:{args['model_version']}"
         thresholds = folder / signal.THRESHOLDS_FILE
         self.thresholds = signal.load_thresholds(thresholds) if thresholds.is_file() else None
-        # in_process: arms run in this process, loaded from their verified version
-        # folders in the same repository: one hop instead of a BLS round trip each.
-        self.arms: InProcessEngines | None = None
-        if params.get("in_process", "false").lower() == "true":
-            self.arms = InProcessEngines(self.repo)
-        path = common.config_path(args, params["experiment_file"])
-        self.watch = Watched(path, self._loads, shared=shared_copy(path, self.name))
-        self._poll_lock = threading.Lock()
         self.calls = common.Downstream(self.name, self.limits)
         log = params.get("shadow_log", "")
         self.shadow_log: TextIO | None = None
@@ -137,15 +131,7 @@ class RouterBase:
             description="Experiment version in force, per instance",
             kind=pb_utils.MetricFamily.GAUGE,
         )
-        # Families must outlive their metrics (the stub deletes a family's metrics with it).
-        self._failure_family = pb_utils.MetricFamily(
-            name="setsuna_router_reload_failures_total",
-            description="Experiment files refused at reload, per instance (each one refuses "
-            "it; the previous one kept serving)",
-            kind=pb_utils.MetricFamily.COUNTER,
-        )
         mine = {"router": self.name, "instance": self.instance}
-        self._failures = self._failure_family.Metric(labels=mine)
         self._cache_family = pb_utils.MetricFamily(
             name="setsuna_router_key_cache_bytes",
             description="Bytes held by the key -> arm memo, per instance (never above "
@@ -168,14 +154,8 @@ class RouterBase:
         self._metrics: dict[tuple[str, ...], Any] = {}
         self._row_counts = common.Counters(self._rows, {"router": self.name})
         self._shadow_counts = common.Counters(self._shadow, {"router": self.name})
-        self._took_effect()
-        self._poll()  # a note from the first load, if any
-        self._poller = Poller(
-            self._tick,
-            self.limits.watch_interval_ms / 1e3,
-            lambda exc: self.logger.log_error(f"{self.name}: watching failed: {exc}"),
-            name=f"{self.name}-watch",
-        )
+        self.took_effect()
+        self.start_watching()
 
     def _cache_metrics(self, mine: dict[str, str]) -> None:
         """The answer cache's series (families kept: the stub deletes metrics with them)."""
@@ -222,29 +202,14 @@ class RouterBase:
             m = self._metrics[key] = family.Metric(labels={"router": self.name, **labels})
         return m
 
-    def _took_effect(self) -> None:
+    def took_effect(self) -> None:
         exp = self.watch.current
         self._metric(self._version, experiment=exp.name, instance=self.instance).set(exp.version)
         self.logger.log_info(f"{self.name} ({self.instance}): {exp.describe()}")
 
-    def _poll(self) -> None:
-        """Look at the experiment file (both the execute and the watcher thread call this)."""
-        with self._poll_lock:  # one thread at a time reports and publishes a change
-            self._report(self.watch.poll())
-
-    def _report(self, changes: list[Change]) -> None:
-        for change in changes:
-            if change.refused:
-                self._failures.increment(1)
-                self.logger.log_error(f"{self.name} ({self.instance}): {change.refused}")
-            if change.note:
-                self.logger.log_warn(f"{self.name} ({self.instance}): {change.note}")
-            if change.took_effect:
-                self._took_effect()
-
-    def _tick(self) -> None:
+    def tick(self) -> None:
         """The watcher thread: the file, then the memo's and cache's figures when they moved."""
-        self._poll()
+        super().tick()
         k = self.keys
         now = (k.bytes, k.peak, k.clears)
         if now != self._published:
@@ -296,7 +261,7 @@ class RouterBase:
 
     def _gather(self, requests: list[Any]) -> Batch:
         """Validate and stack the requests; assign every row its arm."""
-        self._poll()
+        self.poll()
         exp = self.watch.current
         b = Batch(exp, [None] * len(requests))
         xs, arms = [], []
@@ -441,7 +406,7 @@ class RouterBase:
             self.shadow_log.write(json.dumps(record) + "\n")
 
     def finalize(self) -> None:
-        self._poller.stop()
+        self.stop_watching()
         self.calls.close()
         self._row_counts.flush()
         self._shadow_counts.flush()

@@ -15,47 +15,40 @@ Config parameters: ``selector_file`` (required), ``outcomes_db`` (optional),
 ``refresh_s`` (default 1), ``allow_nan`` (default false), ``bls_timeout_ms``,
 ``watch_interval_ms``, ``max_overdue_calls`` (:mod:`ensembles.limits`; a
 variant that times out has failed). The selector file is watched like the
-router's (:mod:`ensembles.watch`); a bad one, or one naming a model that is
-not an engine (:mod:`ensembles.cycles`), keeps the previous one serving.
+router's (:mod:`ensembles.models.base`); a bad one, or one naming a model that
+is not an engine (:mod:`ensembles.cycles`), keeps the previous one serving,
+logged and counted (``setsuna_selector_reload_failures_total``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
 from ensembles import cycles, selection
-from ensembles.limits import Limits
 from ensembles.models import common
+from ensembles.models.base import WatchedFileModel
 from ensembles.outcomes import Outcomes
-from ensembles.watch import Poller, Watched, shared_copy
-from setsuna.errors import ConfigError
 from setsuna.schema import OUTPUT_NAME
 
 
-class TritonPythonModel:
+class TritonPythonModel(WatchedFileModel[selection.SelectorSpec]):
+    KIND = "selector"
+    FILE_PARAMETER = "selector_file"
+
     def initialize(self, args: dict[str, Any]) -> None:
-        self.name = args["model_name"]
-        params = common.model_parameters(args)
-        if not params.get("selector_file"):
-            raise ConfigError(f"{self.name}: config parameter 'selector_file' is required")
-        self.limits = Limits.from_parameters(params, self.name)
-        self.repo = Path(args["model_repository"]).parent
-        path = common.config_path(args, params["selector_file"])
-        self.watch = Watched(path, self._loads, shared=shared_copy(path, self.name))
+        self.setup(args, self._loads)
         self.calls = common.Downstream(self.name, self.limits)
-        db = params.get("outcomes_db", "")
+        db = self.params.get("outcomes_db", "")
         self.outcomes = Outcomes(common.config_path(args, db)) if db else None
-        self.refresh_s = float(params.get("refresh_s", "1"))
+        self.refresh_s = float(self.params.get("refresh_s", "1"))
         self.latency: list[selection.Latency] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._last_batch: Any = None
-        self.allow_nan = params.get("allow_nan", "false").lower() == "true"
         self._families: list[Any] = []
         self._serving = self._family(
             "setsuna_selector_variant", "1 for the variant serving, 0 for the others", "GAUGE"
@@ -69,13 +62,7 @@ class TritonPythonModel:
             "GAUGE",
         )
         self._reset(self.watch.current)
-        self._poll()
-        self._poller = Poller(
-            self._poll,
-            self.limits.watch_interval_ms / 1e3,
-            lambda exc: pb_utils.Logger.log_error(f"{self.name}: watching failed: {exc}"),
-            name=f"{self.name}-watch",
-        )
+        self.start_watching()
         self._prober = threading.Thread(target=self._probe_loop, name="probe", daemon=True)
         self._prober.start()
 
@@ -83,14 +70,6 @@ class TritonPythonModel:
         spec = selection.loads(data, origin)
         cycles.check(self.repo, self.name, (("variant", v.target) for v in spec.variants), origin)
         return spec
-
-    def _poll(self) -> None:
-        """Look at the selector file (the execute and the watcher thread call this)."""
-        for change in self.watch.poll():
-            if change.refused:
-                pb_utils.Logger.log_error(f"{self.name}: {change.refused}")
-            if change.note:
-                pb_utils.Logger.log_warn(f"{self.name}: {change.note}")
 
     def _family(self, name: str, description: str, kind: str) -> Any:
         family = pb_utils.MetricFamily(
@@ -189,7 +168,7 @@ class TritonPythonModel:
         return answer, (time.perf_counter() - t0) * 1e3
 
     async def execute(self, requests: list[Any]) -> list[Any]:
-        self._poll()
+        self.poll()
         if self.watch.current is not self.spec:  # taken here or by the watcher thread
             with self._lock:
                 self._reset(self.watch.current)
@@ -238,7 +217,7 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stop.set()
-        self._poller.stop()
+        self.stop_watching()
         self._prober.join(timeout=5)
         self.calls.close()
         if self.outcomes is not None:

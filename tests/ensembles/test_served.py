@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,6 +456,42 @@ def test_selector_switches_when_the_budget_changes_and_not_before(served: Served
         first = after.index("alpha:1")
         assert first >= 5, after  # the new file resets the measurements: not before
         assert set(after[first:]) == {"alpha:1"}, after  # and no flapping back
+    finally:
+        _set_selector(served, _selector(1000.0))
+
+
+def _wait_for(what: str, check: Any, timeout_s: float = 30.0) -> Any:
+    done = threading.Event()
+    timer = threading.Timer(timeout_s, done.set)
+    timer.start()
+    try:
+        while not (got := check()):
+            if done.wait(0.05):
+                raise AssertionError(f"{what}: not within {timeout_s:g} s")
+        return got
+    finally:
+        timer.cancel()
+
+
+def test_a_bad_selector_file_is_counted_and_the_previous_one_serves(served: Served) -> None:
+    """Every file-driven model counts refused reloads (the selector used to only log them)."""
+
+    def failures() -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in _metrics(served).splitlines()
+            if line.startswith("setsuna_selector_reload_failures_total{")
+            and 'selector="selector"' in line
+        )
+
+    before = failures()
+    bad = _selector(1000.0)
+    bad["variants"] = []  # no variant to choose from
+    _set_selector(served, bad)
+    try:
+        _wait_for("the refused selector file is counted", lambda: failures() >= before + 1)
+        # the previous file still serves: answers from its variants, no error
+        assert set(_select(served, 3)) <= {"slow:1", "alpha:1"}
     finally:
         _set_selector(served, _selector(1000.0))
 
