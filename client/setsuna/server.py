@@ -471,9 +471,9 @@ def _cache_root() -> Path:
 
 
 def _setsuna_cache() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "setsuna"
+    from setsuna.paths import cache_root  # the one cache convention (build and server)
+
+    return cache_root()
 
 
 def private_directory(path: Path) -> Path:
