@@ -20,13 +20,13 @@ Exit status 1 if the run stopped early or a prediction did not reproduce.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from build_engines.examples import market
 from setsuna import audit
 from setsuna.client import Client
+from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, Target
 from setsuna.dataset import build_dataset
 from setsuna.market import ReplayFeed
 from setsuna.policy import PolicySettings
@@ -41,18 +41,11 @@ def write_decide(repo: Path, work: Path) -> None:
     from ensembles import repository as rep
     from ensembles import signal
 
-    exp = work / "experiment.json"
-    exp.write_text(
-        json.dumps(
-            {
-                "format": 1,
-                "name": "eurusd",
-                "salt": "demo",
-                "arms": {"lgbm": {"model": market.NAME, "version": 1}},
-                "versions": [{"version": 1, "weights": {"lgbm": 1.0}}],
-            }
-        )
+    exp = work / EXPERIMENT_FILE
+    doc = ExperimentDoc.single(
+        "eurusd", {"lgbm": Target(market.NAME, 1)}, {"lgbm": 1.0}, salt="demo"
     )
+    exp.write_text(doc.dumps())
     thresholds = signal.Thresholds(buy_at=0.55, sell_at=0.45)
     n = len(market.spec())
     rep.write_router(repo, exp, n, name=DECIDE, in_process=True, thresholds=thresholds)

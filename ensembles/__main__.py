@@ -30,6 +30,7 @@ from pathlib import Path
 from ensembles import repository as rep
 from ensembles import signal
 from setsuna import manifest
+from setsuna.contract import ExperimentDoc, Target
 from setsuna.errors import ConfigError, SetsunaError
 
 ARMS = ("lightgbm", "xgboost")
@@ -64,17 +65,13 @@ def write_examples(repo: Path) -> list[Path]:
             f"{repo} lacks the example engines {missing}: run `make build-engines` first"
         )
     n = manifest.read(repo / ARMS[0] / "1").schema.row_shape[0]
-    experiment = {
-        "format": 1,
-        "name": "trees-ab",
-        "salt": "trees-ab-v1",
-        "arms": {
-            "control": {"model": ARMS[0], "version": 1},
-            "treatment": {"model": ARMS[1], "version": 1},
-        },
-        "shadow": {"model": SHADOW, "version": 1},
-        "versions": [{"version": 1, "weights": {"control": 0.5, "treatment": 0.5}}],
-    }
+    experiment = ExperimentDoc.single(
+        "trees-ab",
+        {"control": Target(ARMS[0], 1), "treatment": Target(ARMS[1], 1)},
+        {"control": 0.5, "treatment": 0.5},
+        salt="trees-ab-v1",
+        shadow=Target(SHADOW, 1),
+    )
     members = {
         "format": 1,
         "method": "mean",
@@ -89,7 +86,8 @@ def write_examples(repo: Path) -> list[Path]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         files = Path(tmp)
-        for name, doc in (("exp", experiment), ("members", members), ("selector", selector)):
+        (files / "exp.json").write_text(experiment.dumps())
+        for name, doc in (("members", members), ("selector", selector)):
             (files / f"{name}.json").write_text(json.dumps(doc, indent=2))
         one = rep.Serving(instances=1)
         out.append(rep.write_router(repo, files / "exp.json", n, serving=one))

@@ -31,8 +31,7 @@ from typing import Final
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ensembles import names
-from ensembles.experiment import Target
+from setsuna.contract import Target, model_name
 from setsuna.errors import ConfigError
 
 CONFIG_NAME: Final = "config.pbtxt"
@@ -62,7 +61,7 @@ def refusal(repo: Path, caller: str, target: Target) -> str | None:
         return "is this model itself: the call would wait on itself for good"
     # Triton loads the callee, not this code: a symlinked model folder is fine here
     # (the name is already a plain folder name, so it cannot climb out with '..').
-    folder = repo / names.model_name(target.model, "callee")
+    folder = repo / model_name(target.model, "callee")
     try:
         text = (folder / CONFIG_NAME).read_text()
     except OSError:

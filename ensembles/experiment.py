@@ -1,7 +1,7 @@
 """A/B/n experiments: which arm (model variant) serves which sticky key.
 
-The experiment file is JSON, versioned, and validated as a whole before it
-replaces the one in force::
+The experiment file (its reader and writer: :class:`setsuna.contract.ExperimentDoc`)
+is JSON, versioned, and validated as a whole before it replaces the one in force::
 
     {
       "format": 1,
@@ -28,7 +28,6 @@ on names exactly the model and version that answers it.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,28 +36,13 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from ensembles import names
 from ensembles.keys import KeyCache
 from ensembles.watch import decode_json, read_bytes
+from setsuna.contract import ExperimentDoc, Target
 from setsuna.errors import ConfigError
 
-FORMAT: Final = 1
 #: Assignment granularity: weights are honoured to 1 / BUCKETS (0.01 %).
 BUCKETS: Final = 10_000
-_WEIGHT_TOLERANCE: Final = 1e-6
-
-
-@dataclass(frozen=True)
-class Target:
-    """A model and the version of it that answers (versions are pinned, never 'latest')."""
-
-    model: str
-    version: int
-
-    @property
-    def label(self) -> str:
-        """``model:version``, the name every response carries."""
-        return f"{self.model}:{self.version}"
 
 
 @dataclass(frozen=True)
@@ -150,72 +134,24 @@ def next_table(
     return table
 
 
-def _target(name: str, raw: Any, what: str) -> Target:
-    if not isinstance(raw, Mapping) or set(raw) - {"model", "version"}:
-        raise ConfigError(f"{what}: give {{'model': NAME, 'version': N}}, got {raw!r}")
-    model, version = names.model_name(raw.get("model"), what), raw.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ConfigError(
-            f"{what}: version {version!r} must be an integer >= 1 (arms pin the version "
-            "that answers, so the response can name it)"
-        )
-    return Target(model, version)
-
-
 def parse(doc: Any, *, origin: str = "experiment") -> Experiment:
-    """Validate an experiment document; ConfigError says what is wrong and where."""
-    if not isinstance(doc, Mapping):
-        raise ConfigError(f"{origin}: expected a JSON object")
-    if doc.get("format") != FORMAT:
-        raise ConfigError(f"{origin}: 'format' must be {FORMAT}, got {doc.get('format')!r}")
-    unknown = set(doc) - {"format", "name", "salt", "arms", "shadow", "versions"}
-    if unknown:
-        raise ConfigError(f"{origin}: unknown fields {sorted(unknown)}")
-    name, salt = doc.get("name"), doc.get("salt")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{origin}: 'name' must be a non-empty string")
-    if not isinstance(salt, str) or not salt:
-        raise ConfigError(f"{origin}: 'salt' must be a non-empty string")
-    raw_arms = doc.get("arms")
-    if not isinstance(raw_arms, Mapping) or not raw_arms:
-        raise ConfigError(f"{origin}: 'arms' must map arm names to {{model, version}}")
-    arms = tuple(sorted(str(a) for a in raw_arms))
-    targets = tuple(_target(a, raw_arms[a], f"{origin}: arm {a!r}") for a in arms)
-    shadow_raw = doc.get("shadow")
-    shadow = None if shadow_raw is None else _target("shadow", shadow_raw, f"{origin}: shadow")
-    versions = doc.get("versions")
-    if not isinstance(versions, list) or not versions:
-        raise ConfigError(f"{origin}: 'versions' must be a non-empty list, oldest first")
+    """Validate an experiment document (:class:`setsuna.contract.ExperimentDoc`) and lay
+    out the bucket table of its latest version; ConfigError says what is wrong and where."""
+    return from_doc(ExperimentDoc.from_json(doc, origin=origin))
+
+
+def from_doc(doc: ExperimentDoc) -> Experiment:
+    """The experiment in force for ``doc``: its versions replayed, oldest first."""
+    arms = doc.arm_names
     table: npt.NDArray[np.int16] | None = None
-    last = 0
-    weights: dict[str, float] = {}
-    for i, v in enumerate(versions):
-        at = f"{origin}: versions[{i}]"
-        if not isinstance(v, Mapping) or set(v) != {"version", "weights"}:
-            raise ConfigError(f"{at}: give exactly {{'version': N, 'weights': {{arm: share}}}}")
-        number = v["version"]
-        if not isinstance(number, int) or isinstance(number, bool) or number <= last:
-            raise ConfigError(f"{at}: version {number!r} must be an integer > {last}")
-        w = v["weights"]
-        if not isinstance(w, Mapping) or not w:
-            raise ConfigError(f"{at}: 'weights' must map arms to shares")
-        stray = sorted(set(w) - set(arms))
-        if stray:
-            raise ConfigError(f"{at}: weights for unknown arms {stray}; arms: {list(arms)}")
-        values = [w[a] for a in w]
-        if any(
-            not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) or x < 0
-            for x in values
-        ):
-            raise ConfigError(f"{at}: weights must be finite numbers >= 0, got {dict(w)}")
-        total = float(sum(values))
-        if abs(total - 1.0) > _WEIGHT_TOLERANCE:
-            raise ConfigError(f"{at}: weights sum to {total:g}, not 1")
-        weights = {a: float(w.get(a, 0.0)) for a in arms}
-        table = next_table(table, quotas(weights, arms))
-        last = number
-    assert table is not None
-    return Experiment(name, salt, arms, targets, shadow, last, weights, table)
+    for v in doc.versions:
+        table = next_table(table, quotas(v.weights, arms))
+    assert table is not None  # a document has at least one version
+    targets = tuple(doc.arms[a] for a in arms)
+    latest = doc.latest
+    return Experiment(
+        doc.name, doc.salt, arms, targets, doc.shadow, latest.version, latest.weights, table
+    )
 
 
 def loads(data: bytes, origin: str) -> Experiment:

@@ -24,8 +24,8 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ensembles.experiment import Target, _target
 from ensembles.watch import decode_json, read_bytes
+from setsuna.contract import Target
 from setsuna.errors import ConfigError
 
 FORMAT: Final = 1
@@ -75,7 +75,7 @@ def parse(doc: Any, *, origin: str = "members") -> Members:
         at = f"{origin}: members[{i}]"
         if not isinstance(m, Mapping) or "weight" not in m:
             raise ConfigError(f"{at}: give {{'model', 'version', 'weight'}}")
-        targets.append(_target("member", {k: m[k] for k in m if k != "weight"}, at))
+        targets.append(Target.from_json({k: m[k] for k in m if k != "weight"}, at))
         w = m["weight"]
         ok = isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w)
         if not ok or (method == "mean" and w <= 0):

@@ -34,8 +34,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from ensembles.experiment import Target, _target
 from ensembles.watch import decode_json, read_bytes
+from setsuna.contract import Target
 from setsuna.errors import ConfigError
 
 FORMAT: Final = 1
@@ -86,7 +86,7 @@ def parse(doc: Any, *, origin: str = "selector") -> SelectorSpec:
         at = f"{origin}: variants[{i}]"
         if not isinstance(v, Mapping):
             raise ConfigError(f"{at}: give {{'model', 'version', 'prior_accuracy'}}")
-        target = _target("variant", {k: v[k] for k in v if k != "prior_accuracy"}, at)
+        target = Target.from_json({k: v[k] for k in v if k != "prior_accuracy"}, at)
         acc = _number(v, "prior_accuracy", -1.0, lambda x: 0 <= x <= 1, at)
         variants.append(Variant(target, acc))
     if len({v.target.label for v in variants}) != len(variants):

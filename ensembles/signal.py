@@ -24,10 +24,6 @@ import numpy.typing as npt
 
 from setsuna.errors import ConfigError, InputError
 
-BUY: Final = 1
-HOLD: Final = 0
-SELL: Final = -1
-NAMES: Final = {BUY: "BUY", HOLD: "HOLD", SELL: "SELL"}
 THRESHOLDS_FILE: Final = "thresholds.json"
 
 
@@ -67,7 +63,7 @@ def load_thresholds(path: Path) -> Thresholds:
 def decide(
     p: npt.NDArray[np.float32], t: Thresholds
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
-    """Signal codes (BUY 1, HOLD 0, SELL -1) and confidences for probabilities ``p``.
+    """Signal codes (:class:`setsuna.contract.Signal`) and confidences for probabilities ``p``.
 
     Raises InputError for anything outside [0, 1] (NaN included): a broken
     upstream model must not turn into a confident trade.
@@ -83,7 +79,7 @@ def decide(
     # as 0.4 is on the SELL edge of sell_at=0.4, not 6e-9 above it.
     q32 = q.astype(np.float32)
     buy, sell = q32 >= np.float32(t.buy_at), q32 <= np.float32(t.sell_at)
-    code = buy.astype(np.int8) - sell.astype(np.int8)
+    code = buy.astype(np.int8) - sell.astype(np.int8)  # Signal.BUY 1, HOLD 0, SELL -1
     # Each zone's distance, scaled to [0, 1]; the zone picks which one applies.
     hold = np.minimum(q - t.sell_at, t.buy_at - q) * (2.0 / (t.buy_at - t.sell_at))
     conf = np.where(buy, (q - t.buy_at) / (1.0 - t.buy_at), hold)

@@ -9,7 +9,6 @@ and reading metadata must not count against it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 
 from ensembles import repository as rep
 from ensembles import signal
+from setsuna.contract import ExperimentDoc, Target
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import build_logistic_models
 
@@ -36,14 +36,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
     rng = np.random.default_rng(5)
     w = {"lightgbm": rng.normal(size=N_FEATURES).astype(np.float32) / 8}
     repo = build_logistic_models(root, w, rng.normal(size=(300, N_FEATURES)).astype(np.float32))
-    exp = {
-        "format": 1,
-        "name": "readme",
-        "salt": "readme",
-        "arms": {"control": {"model": "lightgbm", "version": 1}},
-        "versions": [{"version": 1, "weights": {"control": 1.0}}],
-    }
-    (root / "exp.json").write_text(json.dumps(exp))
+    doc = ExperimentDoc.single("readme", {"control": Target("lightgbm", 1)}, {"control": 1.0})
+    (root / "exp.json").write_text(doc.dumps())
     rep.write_router(
         repo,
         root / "exp.json",

@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from setsuna import deadline
+from setsuna.contract import KEY, MODEL
 from setsuna.errors import (
     ConfigError,
     DeadlineError,
@@ -52,9 +53,9 @@ from setsuna.errors import (
 from setsuna.schema import INPUT_NAME
 
 Protocol = Literal["grpc", "http"]
-KEY_INPUT = "key"
+KEY_INPUT = KEY
 #: Output of routed models (``router``, ``decide``) naming the engine of each row.
-SERVED_BY_OUTPUT = "model"
+SERVED_BY_OUTPUT = MODEL
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,6 @@ commit included) are kept per request in :class:`LatencyHistogram`.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,6 +53,7 @@ import numpy.typing as npt
 from setsuna import manifest as manifest_mod
 from setsuna.audit import AuditLog, DecisionBatch
 from setsuna.client import Client
+from setsuna.contract import EXPERIMENT_FILE, MODEL, SIGNAL, ExperimentDoc, Signal
 from setsuna.errors import (
     AuditError,
     ConfigError,
@@ -67,7 +67,7 @@ from setsuna.errors import (
 )
 from setsuna.features import FeatureEngine
 from setsuna.market import BarRecords
-from setsuna.policy import SIGNAL_NAMES, Policy
+from setsuna.policy import Policy
 from setsuna.schema import OUTPUT_NAME, FeatureSchema
 
 STAGES = ("features", "infer", "policy", "audit", "tick_to_signal")
@@ -151,14 +151,14 @@ class ModelCatalog:
     def behind(self, endpoint: str) -> list[ServedModel]:
         """The engines an endpoint can answer with: itself, or the arms of its experiment."""
         folder = self.repository / endpoint
-        experiment = folder / "experiment.json"
+        experiment = folder / EXPERIMENT_FILE
         if experiment.is_file():
             try:
-                doc = json.loads(experiment.read_text())
-                arms = [f"{a['model']}:{a['version']}" for a in doc["arms"].values()]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                text = experiment.read_bytes()
+            except OSError as exc:
                 raise ConfigError(f"{experiment}: unreadable experiment ({exc})") from exc
-            return [self.get(a) for a in arms]
+            doc = ExperimentDoc.loads(text, origin=str(experiment))
+            return [self.get(t.label) for t in doc.arms.values()]
         return [self.get(endpoint)]
 
 
@@ -205,7 +205,9 @@ class RunSummary:
     events: int = 0
     requests: int = 0
     decisions: int = 0
-    signals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGNAL_NAMES.values(), 0))
+    signals: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys((s.name for s in reversed(Signal)), 0)
+    )
     skipped: dict[str, int] = field(default_factory=dict)
     stopped: str | None = None
     wall_s: float = 0.0
@@ -293,7 +295,7 @@ class Pipeline:
             )
         self._outputs = tuple(
             dict.fromkeys(
-                (*policy.needs, *(o for o in (OUTPUT_NAME, "signal", "model") if o in info.outputs))
+                (*policy.needs, *(o for o in (OUTPUT_NAME, SIGNAL, MODEL) if o in info.outputs))
             )
         )
         self._keyed = settings.key_by_symbol and info.has_key
@@ -349,7 +351,7 @@ class Pipeline:
         t3 = time.perf_counter_ns()
         score = pred.outputs.get(OUTPUT_NAME)
         score_1d = None if score is None else score.reshape(-1).astype(np.float32, copy=False)
-        served_signal = pred.outputs.get("signal")
+        served_signal = pred.outputs.get(SIGNAL)
         lat = [(t1 - t0) / 1e3, (t2 - t1) / 1e3, (t3 - t2) / 1e3]
         if self.audit is not None:
             # The row's audit and total stop at the record: it cannot hold its own commit.
@@ -378,10 +380,9 @@ class Pipeline:
             s.latency[name].record(value)
         s.requests += 1
         s.decisions += len(x)
-        counts = np.bincount(signals.astype(np.int64) + 1, minlength=3)
-        s.signals["SELL"] += int(counts[0])
-        s.signals["HOLD"] += int(counts[1])
-        s.signals["BUY"] += int(counts[2])
+        counts = np.bincount(signals.astype(np.int64) - Signal.SELL, minlength=len(Signal))
+        for code in Signal:
+            s.signals[code.name] += int(counts[code - Signal.SELL])
         stance = self.policy.stance[ids]
         out = Decisions(ts, ids, score_1d, signals, served_by, pred.request_id, stance)
         for sink in self.sinks:

@@ -29,10 +29,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from setsuna.contract import SIGNAL
 from setsuna.errors import ConfigError
 
-BUY, HOLD, SELL = 1, 0, -1
-SIGNAL_NAMES = {BUY: "BUY", HOLD: "HOLD", SELL: "SELL"}
 I8 = npt.NDArray[np.int8]
 I64 = npt.NDArray[np.int64]
 
@@ -199,10 +198,10 @@ class ThresholdPolicy(_StancePolicy):
 class ServedSignalPolicy(_StancePolicy):
     """Stance = the ``signal`` output of a decision model; cooldown and limits still apply."""
 
-    needs: tuple[str, ...] = ("signal",)
+    needs: tuple[str, ...] = (SIGNAL,)
 
     def __init__(self, n_symbols: int, *, settings: PolicySettings | None = None) -> None:
         super().__init__(n_symbols, settings or PolicySettings())
 
     def wanted(self, outputs: Mapping[str, np.ndarray[Any, Any]], ids: I64, current: I8) -> I8:
-        return np.clip(np.asarray(outputs["signal"]).reshape(-1), -1, 1).astype(np.int8)
+        return np.clip(np.asarray(outputs[SIGNAL]).reshape(-1), -1, 1).astype(np.int8)

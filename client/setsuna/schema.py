@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from setsuna.contract import FEATURES, SCORE
 from setsuna.errors import ConfigError, DTypeError, NaNError, ShapeError
 
-#: Tensor names every setsuna model uses; Triton configs and clients agree on them.
-INPUT_NAME = "features"
-OUTPUT_NAME = "score"
+#: Tensor names every setsuna model uses (their home: :mod:`setsuna.contract`).
+INPUT_NAME = FEATURES
+OUTPUT_NAME = SCORE
 
 _SAFE_KINDS = frozenset("fiub")  # float, signed, unsigned, bool: cast to float32
 

@@ -41,9 +41,10 @@ from ensembles import cycles, members
 from ensembles.models import common
 from ensembles.models.base import WatchedFileModel
 from ensembles.models.in_process import InProcessEngines
+from setsuna.contract import MODELS
 from setsuna.schema import OUTPUT_NAME
 
-MODELS_OUTPUT = "models"
+MODELS_OUTPUT = MODELS
 
 
 @functools.lru_cache(maxsize=16)

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
-from ensembles.experiment import Target
 from ensembles.limits import Limits, Overdue, call_timeout
 from setsuna import deadline
+from setsuna.contract import Target
 from setsuna.errors import InputError, SetsunaError
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 

@@ -22,8 +22,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ensembles import names
-from ensembles.experiment import Target
 from setsuna import manifest, runtime
+from setsuna.contract import Target
 
 
 class InProcessEngines:

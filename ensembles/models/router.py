@@ -53,11 +53,21 @@ from ensembles.cache import ScoreCache, row_keys
 from ensembles.models import common
 from ensembles.models.base import WatchedFileModel
 from ensembles.models.in_process import InProcessEngines
+from setsuna.contract import (
+    ARM,
+    CONFIDENCE,
+    EXPERIMENT_VERSION,
+    INSTANCE,
+    KEY,
+    MODEL,
+    POLICY,
+    SIGNAL,
+)
 from setsuna.errors import InputError, SetsunaError
 from setsuna.schema import OUTPUT_NAME
 
-KEY_INPUT = "key"
-INSTANCE_OUTPUT = "instance"
+KEY_INPUT = KEY
+INSTANCE_OUTPUT = INSTANCE
 I16 = npt.NDArray[np.int16]
 
 
@@ -338,9 +348,9 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
                 self._row_counts.add(len(b.rows_of[a]), arm=exp.arms[a], model=target.label)
         outputs: dict[str, Any] = {
             OUTPUT_NAME: b.score,
-            "arm": common.labels(exp.arms, arm),
-            "model": common.labels(tuple(t.label for t in exp.targets), arm),
-            "experiment_version": np.full((len(x), 1), exp.version, dtype=np.int32),
+            ARM: common.labels(exp.arms, arm),
+            MODEL: common.labels(tuple(t.label for t in exp.targets), arm),
+            EXPERIMENT_VERSION: np.full((len(x), 1), exp.version, dtype=np.int32),
         }
         failed = np.zeros(len(x), dtype=bool)
         for a in b.failed:  # the rows an arm failed to compute: their requests fail
@@ -357,7 +367,9 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
                 code[ok, 0], conf[ok, 0] = c, f
             else:
                 code, conf = c.reshape(-1, 1), f.reshape(-1, 1)
-            outputs.update(signal=code, confidence=conf, policy=common.constant(self.label, len(x)))
+            outputs.update(
+                {SIGNAL: code, CONFIDENCE: conf, POLICY: common.constant(self.label, len(x))}
+            )
         if b.todo_keys:  # answers only: after the arms and the signal accepted them
             self._to_cache(b)
         for i, sl in zip(b.kept, common.split(len(x), b.sizes), strict=True):

@@ -32,6 +32,7 @@ from ensembles import cycles, selection
 from ensembles.models import common
 from ensembles.models.base import WatchedFileModel
 from ensembles.outcomes import Outcomes
+from setsuna.contract import MODEL
 from setsuna.schema import OUTPUT_NAME
 
 
@@ -210,7 +211,7 @@ class TritonPythonModel(WatchedFileModel[selection.SelectorSpec]):
             responses[i] = pb_utils.InferenceResponse(
                 output_tensors=[
                     pb_utils.Tensor(OUTPUT_NAME, y[sl]),
-                    pb_utils.Tensor("model", label[sl]),
+                    pb_utils.Tensor(MODEL, label[sl]),
                 ]
             )
         return responses

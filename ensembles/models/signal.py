@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from ensembles import signal
 from ensembles.models import common
+from setsuna.contract import CONFIDENCE, POLICY, SIGNAL
 from setsuna.errors import SetsunaError
 from setsuna.schema import OUTPUT_NAME
 
@@ -52,8 +53,8 @@ class TritonPythonModel:
     def _response(code: Any, conf: Any, policy: Any) -> Any:
         return pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor("signal", code.reshape(-1, 1)),
-                pb_utils.Tensor("confidence", conf.reshape(-1, 1)),
-                pb_utils.Tensor("policy", policy),
+                pb_utils.Tensor(SIGNAL, code.reshape(-1, 1)),
+                pb_utils.Tensor(CONFIDENCE, conf.reshape(-1, 1)),
+                pb_utils.Tensor(POLICY, policy),
             ]
         )

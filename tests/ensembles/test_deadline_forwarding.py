@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from ensembles import repository as rep
 from ensembles.limits import Limits
 from setsuna import deadline, seal
+from setsuna.contract import ExperimentDoc, Target
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import build_logistic_models
 
@@ -29,13 +30,8 @@ W = {"alpha": np.random.default_rng(7).normal(size=N).astype(np.float32)}
 
 
 def _experiment(model: str) -> dict[str, object]:
-    return {
-        "format": 1,
-        "name": "deadline",
-        "salt": "deadline-2026",
-        "arms": {"only": {"model": model, "version": 1}},
-        "versions": [{"version": 1, "weights": {"only": 1.0}}],
-    }
+    arms = {"only": Target(model, 1)}
+    return ExperimentDoc.single("deadline", arms, {"only": 1.0}, salt="deadline-2026").to_json()
 
 
 @pytest.fixture(scope="module")

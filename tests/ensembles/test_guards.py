@@ -14,9 +14,10 @@ import pytest
 
 from ensembles import cycles, experiment, keys, members, names, selection, signal
 from ensembles import repository as rep
-from ensembles.experiment import Target
 from ensembles.limits import Limits, Overdue, call_timeout
 from ensembles.watch import Poller, Watched, shared_copy
+from setsuna import contract
+from setsuna.contract import Target
 from setsuna.errors import ConfigError, InputError
 
 EXP: dict[str, Any] = {
@@ -63,7 +64,7 @@ def test_every_file_refuses_a_name_triton_would_not_take(bad: object) -> None:
 
 def test_names_triton_takes_pass() -> None:
     for good in ("a", "a.b-c_1", "x" * 255, "..a", "1"):
-        assert names.model_name(good, "t") == good
+        assert contract.model_name(good, "t") == good
 
 
 def test_a_path_may_not_leave_the_repository(tmp_path: Path) -> None:

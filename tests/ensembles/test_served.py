@@ -27,6 +27,7 @@ from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
 from setsuna import seal
+from setsuna.contract import ExperimentDoc, ExperimentVersion, Signal, Target
 from setsuna.errors import SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import build_logistic_models
@@ -62,18 +63,18 @@ class TritonPythonModel:
 
 
 def _experiment(*weights: dict[str, float]) -> dict[str, Any]:
-    return {
-        "format": 1,
-        "name": "ab",
-        "salt": "ab-2026",
-        "arms": {
-            "control": {"model": "alpha", "version": 1},
-            "treatment": {"model": "beta", "version": 1},
-            "broken": {"model": "faulty", "version": 1},
+    """The document as the contract writes it (not validated: tests also write bad ones)."""
+    return ExperimentDoc(
+        "ab",
+        "ab-2026",
+        {
+            "control": Target("alpha", 1),
+            "treatment": Target("beta", 1),
+            "broken": Target("faulty", 1),
         },
-        "shadow": {"model": "gamma", "version": 1},
-        "versions": [{"version": i + 1, "weights": w} for i, w in enumerate(weights)],
-    }
+        tuple(ExperimentVersion(i + 1, w) for i, w in enumerate(weights)),
+        shadow=Target("gamma", 1),
+    ).to_json()
 
 
 #: The selector's slow variant: a plain Python model that expands each row to 1,024
@@ -401,8 +402,8 @@ def _signal(s: Served, model: str, p: float) -> tuple[int, str]:
 
 
 def test_cache_never_serves_an_answer_of_an_older_version(served: Served) -> None:
-    assert _signal(served, "signal_cached", 0.6) == (signal.BUY, "signal_cached:1")
-    assert _signal(served, "signal_cached", 0.6) == (signal.BUY, "signal_cached:1")
+    assert _signal(served, "signal_cached", 0.6) == (Signal.BUY, "signal_cached:1")
+    assert _signal(served, "signal_cached", 0.6) == (Signal.BUY, "signal_cached:1")
     with served.client() as c:
         stats = c.get_inference_statistics("signal_cached").model_stats[0]
         assert stats.inference_stats.cache_hit.count >= 1  # the cache really answers
@@ -412,7 +413,7 @@ def test_cache_never_serves_an_answer_of_an_older_version(served: Served) -> Non
         (folder / "2" / signal.THRESHOLDS_FILE).write_text(json.dumps(stricter))
         seal.seal_version(folder / "2")  # published as a new version, as the build would
         c.load_model("signal_cached", headers=served.server.grpc_admin_headers)
-    assert _signal(served, "signal_cached", 0.6) == (signal.HOLD, "signal_cached:2")
+    assert _signal(served, "signal_cached", 0.6) == (Signal.HOLD, "signal_cached:2")
 
 
 def _select(s: Served, n: int) -> list[str]:

@@ -34,6 +34,7 @@ from ensembles import signal
 from ensembles.cache import ENTRY_OVERHEAD_BYTES
 from ensembles.limits import Limits
 from setsuna import seal
+from setsuna.contract import ExperimentDoc, ExperimentVersion, Target
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import build_logistic_models
 
@@ -71,18 +72,13 @@ class TritonPythonModel:
 def _experiment(*weights: dict[str, float], broken: bool = True, **pins: int) -> dict[str, Any]:
     """control -> alpha, treatment -> beta (versions from ``pins``), broken -> faulty."""
     arms = {
-        "control": {"model": "alpha", "version": pins.get("alpha", 1)},
-        "treatment": {"model": "beta", "version": pins.get("beta", 1)},
+        "control": Target("alpha", pins.get("alpha", 1)),
+        "treatment": Target("beta", pins.get("beta", 1)),
     }
     if broken:
-        arms["broken"] = {"model": "faulty", "version": 1}
-    return {
-        "format": 1,
-        "name": "cached",
-        "salt": "cached-2026",
-        "arms": arms,
-        "versions": [{"version": i + 1, "weights": w} for i, w in enumerate(weights)],
-    }
+        arms["broken"] = Target("faulty", 1)
+    versions = tuple(ExperimentVersion(i + 1, w) for i, w in enumerate(weights))
+    return ExperimentDoc("cached", "cached-2026", arms, versions).to_json()
 
 
 HALF = {"control": 0.5, "treatment": 0.5}

@@ -32,6 +32,7 @@ from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
 from setsuna import seal
+from setsuna.contract import ExperimentDoc, ExperimentVersion, Target
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 from tests.helpers import Gate, build_logistic_models, stuck_model
 
@@ -57,13 +58,13 @@ class Served:
 
 
 def _experiment(*weights: dict[str, float], **arms: str) -> dict[str, Any]:
-    return {
-        "format": 1,
-        "name": "guards",
-        "salt": "guards-2026",
-        "arms": {arm: {"model": model, "version": 1} for arm, model in arms.items()},
-        "versions": [{"version": i + 1, "weights": w} for i, w in enumerate(weights)],
-    }
+    """The document as the contract writes it (not validated: tests also write bad ones)."""
+    return ExperimentDoc(
+        "guards",
+        "guards-2026",
+        {arm: Target(model, 1) for arm, model in arms.items()},
+        tuple(ExperimentVersion(i + 1, w) for i, w in enumerate(weights)),
+    ).to_json()
 
 
 AB = {"control": "alpha", "treatment": "beta"}

@@ -27,6 +27,7 @@ from ensembles import signal
 from setsuna import audit as audit_mod
 from setsuna.audit import AuditLog
 from setsuna.client import AsyncClient, Client, ClientSettings
+from setsuna.contract import ExperimentDoc, Target
 from setsuna.dataset import LABEL, build_dataset, feature_matrix
 from setsuna.errors import (
     DeadlineError,
@@ -97,10 +98,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     _build(root, "generic_logit", w, b, x[:400], names=False)
     repo = root / "local"
     exp = root / "exp.json"
-    exp.write_text(
-        '{"format": 1, "name": "fx", "salt": "s", "arms": {"a": {"model": "fx_logit", '
-        '"version": 1}}, "versions": [{"version": 1, "weights": {"a": 1.0}}]}'
-    )
+    exp.write_text(ExperimentDoc.single("fx", {"a": Target("fx_logit", 1)}, {"a": 1.0}).dumps())
     rep.write_router(repo, exp, len(SPEC), name="decide", in_process=True, thresholds=THRESHOLDS)
     import pandas as pd
 
