@@ -23,7 +23,7 @@ Targets:
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,13 @@ __all__ = ["TritonPythonModel"]
 
 
 def build_config(
-    spec: ModelSpec, source: Source, candidate: Candidate, target: Target
+    spec: ModelSpec, row_shape: Sequence[int], candidate: Candidate, target: Target
 ) -> mc.ModelConfig:
-    """The ``ModelConfig`` serving ``candidate`` of ``source`` on ``target``."""
+    """The ``ModelConfig`` serving ``candidate`` on ``target``, one row being ``row_shape``.
+
+    Of the source model only the row shape reaches the config, so that is all it
+    takes: the tuner builds configs for an already built model from its manifest.
+    """
     s = spec.serving
     cfg = mc.ModelConfig(name=spec.name, max_batch_size=s.max_batch_size)
     in_name, out_name, out_dims = INPUT_NAME, OUTPUT_NAME, [1]
@@ -87,9 +91,7 @@ def build_config(
             threads = str(candidate.params.get("threads", 1))
             cfg.parameters["intra_op_thread_count"].string_value = threads
             cfg.parameters["inter_op_thread_count"].string_value = "1"
-    cfg.input.append(
-        mc.ModelInput(name=in_name, data_type=mc.TYPE_FP32, dims=list(source.schema.row_shape))
-    )
+    cfg.input.append(mc.ModelInput(name=in_name, data_type=mc.TYPE_FP32, dims=list(row_shape)))
     cfg.output.append(mc.ModelOutput(name=out_name, data_type=mc.TYPE_FP32, dims=out_dims))
     cfg.instance_group.append(mc.ModelInstanceGroup(kind=kind, count=count))
     if s.dynamic_batching:
@@ -101,7 +103,7 @@ def build_config(
     cfg.version_policy.latest.num_versions = s.num_versions
     warm = cfg.model_warmup.add(name="one_row_zeros", batch_size=1)
     warm.inputs[in_name].data_type = mc.TYPE_FP32
-    warm.inputs[in_name].dims.extend(source.schema.row_shape)
+    warm.inputs[in_name].dims.extend(row_shape)
     warm.inputs[in_name].zero_data = True
     return cfg
 
@@ -123,7 +125,7 @@ def write_model(
     re-read through Triton's schema, manifest re-hashed) before it replaces
     anything.
     """
-    cfg = build_config(spec, source, candidate, target)
+    cfg = build_config(spec, source.schema.row_shape, candidate, target)
     hazards = model_config.batching_hazards(cfg)
     if hazards:  # build_config never adds a queue policy; this keeps it that way
         raise ConfigError("; ".join(hazards))

@@ -78,12 +78,12 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import numpy as np
 from google.protobuf import text_format
 
-from build_engines.base import F32, Candidate, Source, SourceKind, Task
+from build_engines.base import F32, Candidate
 from build_engines.repository import VERSION, build_config
 from build_engines.spec import ModelSpec, ServingSpec
 from build_engines.tuned import TUNED_PATH, spec_has, tuned_knobs, write_tuned
@@ -237,17 +237,6 @@ class ServedModel:
     def config_text(self, variant: Variant) -> str:
         """``config.pbtxt`` for ``variant``, built by the builder's own build_config."""
         m = self.manifest
-        source = Source(
-            name=self.name,
-            kind=cast(SourceKind, str(m.source.get("kind", "onnx"))),
-            model=None,
-            schema=m.schema,
-            task=cast(Task, m.task),
-            sha256=str(m.source.get("sha256", "")),
-            reference=_no_reference,
-            reference_label=str(m.source.get("label", "")),
-            decision_threshold=m.decision_threshold,
-        )
         candidate = Candidate(
             name=m.candidate,
             engine=m.engine,
@@ -256,7 +245,7 @@ class ServedModel:
             local=True,
         )
         spec = ModelSpec(name=self.name, serving=variant.serving)
-        cfg = build_config(spec, source, candidate, "local")
+        cfg = build_config(spec, m.schema.row_shape, candidate, "local")
         if not variant.dynamic_batching:
             cfg.ClearField("dynamic_batching")
         text = str(text_format.MessageToString(cfg))
@@ -272,10 +261,6 @@ class ServedModel:
             self.version_dir, dest / str(VERSION), ignore=shutil.ignore_patterns("__pycache__")
         )
         return dest
-
-
-def _no_reference(x: F32) -> F32:
-    raise SetsunaError("perf/triton.py builds configs only; it never runs the source model")
 
 
 def input_rows(schema: FeatureSchema, n: int = INPUT_ROWS) -> tuple[F32, str]:

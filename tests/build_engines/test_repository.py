@@ -124,7 +124,7 @@ def test_fil_and_tensorrt_container_configs_parse(tmp_path: Path) -> None:
     from build_engines.repository import build_config
 
     spec = ModelSpec("trees", serving=ServingSpec(gpu_instances=2))
-    src = logistic_source(W, 0.0)
+    shape = logistic_source(W, 0.0).schema.row_shape
     fil = Candidate(
         "fil",
         "",
@@ -143,18 +143,18 @@ def test_fil_and_tensorrt_container_configs_parse(tmp_path: Path) -> None:
         tmp_path,
         container=ContainerSpec("model.plan", platform="tensorrt_plan", gpu=True),
     )
-    cfg = parse_config(text_format.MessageToString(build_config(spec, src, fil, "container")))
+    cfg = parse_config(text_format.MessageToString(build_config(spec, shape, fil, "container")))
     assert cfg.backend == "fil" and cfg.default_model_filename == "model.txt"
     assert [i.name for i in cfg.input] == ["input__0"]
     assert [(o.name, list(o.dims)) for o in cfg.output] == [("output__0", [2])]
     assert cfg.parameters["model_type"].string_value == "lightgbm"
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    cfg = parse_config(text_format.MessageToString(build_config(spec, src, trt, "container")))
+    cfg = parse_config(text_format.MessageToString(build_config(spec, shape, trt, "container")))
     assert cfg.platform == "tensorrt_plan"
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert cfg.instance_group[0].count == 2
     with pytest.raises(ConfigError, match="local target"):
-        build_config(spec, src, fil, "local")
+        build_config(spec, shape, fil, "local")
 
 
 @pytest.mark.parametrize(
