@@ -56,7 +56,7 @@ perf-setup: $(STAMP)
 perf: $(STAMP) perf-setup
 	$(PY) perf/engines.py
 	test -f $(REPO)/local/lightgbm/config.pbtxt || $(MAKE) build-engines
-	$(PY) -m perf.triton --model-repository $(REPO)/local $(PERF_FLAGS)
+	$(PY) -m build_engines.tuning --model-repository $(REPO)/local $(PERF_FLAGS)
 	$(PY) -m perf.targets --model-repository $(REPO)/local
 	$(PY) -m perf.ensembles --model-repository $(REPO)/local --rounds 5
 	$(PY) perf/features.py

@@ -17,7 +17,7 @@ from build_engines.base import F32, TARGETS, Source, Target
 from build_engines.build import build_model
 from build_engines.gate import GateSettings
 from build_engines.spec import ModelSpec, ServingSpec
-from build_engines.tuned import TUNED_PATH, load_tuned
+from build_engines.tuning.tuned import TUNED_PATH, load_tuned
 from setsuna.errors import ConfigError, GateError, SetsunaError
 
 _Loader = Callable[[], tuple[Source, F32]]

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from build_engines.tuning.inputs import input_rows
 from ensembles import members as mem
 from ensembles import repository as rep
 from ensembles.__main__ import COMBINER_IN_PROCESS, COMBINER_SERVING
 from perf import perf_analyzer as pa
-from perf.triton import input_rows
 from setsuna import manifest, seal
 from setsuna.errors import ConfigError, SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports

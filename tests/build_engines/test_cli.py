@@ -93,7 +93,7 @@ def test_bad_arguments_exit_2_with_advice(
 def test_tuned_settings_reach_the_written_config(
     model_file: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from build_engines.tuned import write_tuned
+    from build_engines.tuning.tuned import write_tuned
     from setsuna.model_config import CONFIG_NAME
     from setsuna.model_config import parse as parse_config
 

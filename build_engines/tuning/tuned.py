@@ -1,11 +1,13 @@
 """Serving settings chosen by measurement, read back by the build.
 
-``python -m perf.triton`` (``make perf``) sweeps each model's Triton config
-with perf_analyzer and writes, per model, the knobs it measured to be best
-into ``perf/tuned.json`` (committed). :func:`load_tuned` turns that file into
-one :class:`~build_engines.spec.ServingSpec` per model: the tuned knobs laid
-over a base spec (default ``ServingSpec()``), so every knob the sweep did not
-measure (queue bounds, timeouts, versions) keeps the builder's default.
+``python -m build_engines.tuning`` (``make perf``) sweeps each model's Triton
+config with perf_analyzer and writes, per model, the knobs it measured to be
+best into ``tuned.json`` beside this module (committed and shipped with the
+package, so the build finds it from any working directory). :func:`load_tuned`
+turns that file into one :class:`~build_engines.spec.ServingSpec` per model:
+the tuned knobs laid over a base spec (default ``ServingSpec()``), so every
+knob the sweep did not measure (queue bounds, timeouts, versions) keeps the
+builder's default.
 
 Only :data:`TUNABLE` knobs may appear; a file naming anything else, or a
 value the spec rejects, raises :class:`~setsuna.errors.ConfigError` rather
@@ -25,10 +27,11 @@ from typing import Any, Final
 from build_engines.spec import ServingSpec
 from setsuna.errors import ConfigError
 
-TUNED_PATH: Final = Path("perf/tuned.json")
+#: Found by the package, not the working directory: the build reads the same settings
+#: wherever it runs (``python -m build_engines --tuned PATH`` overrides it).
+TUNED_PATH: Final = Path(__file__).with_name("tuned.json")
 FORMAT_VERSION: Final = 1
-#: The knobs perf/triton.py sweeps; ``dynamic_batching`` is honoured only as far as
-#: ServingSpec can express it (True always; False needs a ServingSpec field of that name).
+#: The knobs the sweep (:mod:`build_engines.tuning.variants`) varies.
 TUNABLE: Final = (
     "dynamic_batching",
     "max_queue_delay_us",
@@ -40,18 +43,10 @@ _INT_KNOBS: Final = ("max_queue_delay_us", "cpu_instances")
 _BOOL_KNOBS: Final = ("dynamic_batching", "response_cache")
 
 
-def spec_has(name: str) -> bool:
-    """Whether this version of :class:`ServingSpec` has a field ``name``."""
-    return name in {f.name for f in dataclasses.fields(ServingSpec)}
-
-
-def tuned_knobs(spec: ServingSpec, *, dynamic_batching: bool = True) -> dict[str, Any]:
-    """The :data:`TUNABLE` knobs of ``spec`` as JSON values (what ``perf/tuned.json`` holds)."""
+def tuned_knobs(spec: ServingSpec) -> dict[str, Any]:
+    """The :data:`TUNABLE` knobs of ``spec`` as JSON values (what ``tuned.json`` holds)."""
     out: dict[str, Any] = {}
     for name in TUNABLE:
-        if name == "dynamic_batching" and not spec_has(name):
-            out[name] = dynamic_batching
-            continue
         value = getattr(spec, name)
         out[name] = list(value) if isinstance(value, tuple) else value
     return out
@@ -63,7 +58,7 @@ def apply_knobs(knobs: Mapping[str, Any], base: ServingSpec, *, where: str = "")
     unknown = sorted(set(knobs) - set(TUNABLE))
     if unknown:
         raise ConfigError(
-            f"{at}unknown serving knobs {unknown}; perf/triton.py tunes only {list(TUNABLE)}. "
+            f"{at}unknown serving knobs {unknown}; the sweep tunes only {list(TUNABLE)}. "
             "Regenerate the file with `make perf`"
         )
     changes: dict[str, Any] = {}
@@ -80,14 +75,6 @@ def apply_knobs(knobs: Mapping[str, Any], base: ServingSpec, *, where: str = "")
             ):
                 raise ConfigError(f"{at}{name}={value!r} must be a list of integers")
             value = tuple(value)
-        if name == "dynamic_batching" and not spec_has(name):
-            if value is False:
-                raise ConfigError(
-                    f"{at}dynamic_batching=false was chosen but ServingSpec has no "
-                    "'dynamic_batching' field to express it; add one (and honour it in "
-                    "build_config) or rerun the sweep"
-                )
-            continue
         changes[name] = value
     return dataclasses.replace(base, **changes)  # __post_init__ validates (ConfigError)
 
