@@ -8,6 +8,13 @@ a batch of 1,024, memory added by loading and size on disk. A candidate whose
 identical-decision share is under the model's threshold (default 99.9 %) is
 rejected, and keeps its figures in the report so the rejection can be read.
 
+Before that, for a source built with ``allow_nan``, :func:`screen_nan` scores
+every candidate on calibration rows with NaN planted in them, and skips the
+ones that disagree with the source library there: held-out rows rarely hold
+NaN, so the judgement alone could pass an engine whose missing-value handling
+differs. It runs once, in :func:`build_engines.build.evaluate`, for every
+converter (trees and neural alike).
+
 Timing here is in-process and single-threaded by construction (engines are
 loaded with their serving thread counts); end-to-end figures through Triton
 belong to ``perf/``.
@@ -16,8 +23,9 @@ belong to ``perf/``.
 from __future__ import annotations
 
 import gc
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +33,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from build_engines.base import F32, Candidate, Source
+from build_engines.base import F32, Built, Candidate, Skipped, Source
 from setsuna import runtime
-from setsuna.errors import ConfigError
+from setsuna.errors import ConfigError, SetsunaError
+
+#: Rows the NaN probe scores per candidate of an ``allow_nan`` source.
+_NAN_PROBE_ROWS = 256
+#: Share of the probe's values replaced by NaN (and its first row entirely).
+_NAN_PROBE_SHARE = 0.2
+_NAN_PROBE_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -222,3 +236,72 @@ def _failed(candidate: Candidate, kind: str, reason: str, load_mib: float) -> Fi
 def _served_by(candidate: Candidate) -> str:
     spec = candidate.container
     return (spec.backend or spec.platform) if spec else "nothing here"
+
+
+def screen_nan(built: Sequence[Built], source: Source, calib: F32) -> list[Built]:
+    """``built`` with every candidate that treats NaN unlike the source Skipped.
+
+    A no-op unless the source's schema allows NaN. The probe is the first
+    calibration rows with NaN planted at random (seeded) and one row all NaN;
+    the expected scores are the source library's on the same rows.
+    """
+    if not source.schema.allow_nan:
+        return list(built)
+    rows = _nan_probe(calib)
+    expected = source.reference(rows)
+    return [_check_nan(b, source, rows, expected) for b in built]
+
+
+def _nan_probe(calib: F32) -> F32:
+    rng = np.random.default_rng(0)
+    rows = np.array(calib[:_NAN_PROBE_ROWS], dtype=np.float32, copy=True)
+    rows[rng.random(rows.shape) < _NAN_PROBE_SHARE] = np.nan
+    rows[0] = np.nan
+    return np.ascontiguousarray(rows)
+
+
+def _check_nan(built: Built, source: Source, rows: F32, expected: F32) -> Built:
+    """Skip a candidate that treats NaN differently from the source library.
+
+    Calibration rows rarely hold NaN, so the gate alone could pass an engine
+    whose missing-value handling differs (e.g. LightGBM's "NaN as zero" for
+    features that had no NaN in training). A NaN score where the source's is
+    NaN too agrees (a network that propagates NaN, served by an engine that
+    does the same); a NaN against a number does not.
+    """
+    if not isinstance(built, Candidate):
+        return built
+    kind, params = (
+        (built.engine, built.params) if built.engine else (built.gate_engine, built.gate_params)
+    )
+    try:
+        got = runtime.load(kind, built.folder, params).predict(rows)
+    except SetsunaError as exc:
+        reason = f"cannot score rows with NaN: {exc}"
+    else:
+        if got.shape != expected.shape:
+            reason = (
+                f"cannot score rows with NaN: output shape {got.shape} != source {expected.shape}"
+            )
+        elif np.allclose(got, expected, rtol=_NAN_PROBE_TOL, atol=_NAN_PROBE_TOL, equal_nan=True):
+            return built
+        else:
+            reason = (
+                f"disagrees with {source.reference_label} on rows with NaN "
+                f"({_nan_diff(got, expected)}): its missing-value handling differs. Serve "
+                "another engine, or impute NaN and rebuild with allow_nan=False"
+            )
+    shutil.rmtree(built.folder, ignore_errors=True)
+    return Skipped(name=built.name, reason=reason)
+
+
+def _nan_diff(got: F32, expected: F32) -> str:
+    """How far apart: the largest gap between numbers, and the scores NaN on one side only."""
+    got_nan, want_nan = np.isnan(got), np.isnan(expected)
+    numbers = ~(got_nan | want_nan)
+    gaps = np.abs(got[numbers].astype(np.float64) - expected[numbers])
+    one_sided = int(np.count_nonzero(got_nan ^ want_nan))
+    parts = [f"max abs diff {float(gaps.max()):.3g}"] if gaps.size else []
+    if one_sided:
+        parts.append(f"{one_sided} of {got.size} scores NaN on one side only")
+    return "; ".join(parts) or "max abs diff 0"

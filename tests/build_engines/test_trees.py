@@ -628,4 +628,7 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv(cand.CACHE_ENV, str(tmp_path))
     assert cand.default_cache_dir() == tmp_path
     monkeypatch.delenv(cand.CACHE_ENV)
-    assert cand.default_cache_dir().name == ".cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = cand.default_cache_dir()  # setsuna's one cache root, shared with the server
+    assert root == tmp_path / "xdg" / "setsuna"
+    assert root.stat().st_mode & 0o777 == 0o700  # the server refuses a root others may write
