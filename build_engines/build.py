@@ -3,8 +3,9 @@
 This is the whole pipeline in one function, :func:`build_model`. Converters
 are chosen by the source's kind; each returns candidates (or says why an
 engine was skipped). The held-out rows are split once: the first part
-calibrates static INT8 quantisation, the rest judges every candidate, so no
-candidate is graded on the rows it was calibrated on.
+calibrates static INT8 quantisation (and, with NaN planted, probes the
+missing-value handling of ``allow_nan`` sources), the rest judges every
+candidate, so no candidate is graded on the rows it was calibrated on.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def evaluate(
     stage = workdir / spec.name
     stage.mkdir(parents=True, exist_ok=True)
     built: list[Built] = (converter or converter_for(source))(source, stage, calib)
+    # Every converter's candidates, custom ones included, face the same NaN probe.
+    built = gate.screen_nan(built, source, calib)
     candidates = [b for b in built if isinstance(b, Candidate)]
     skipped = [b for b in built if isinstance(b, Skipped)]
     expected = source.reference(judge_rows)

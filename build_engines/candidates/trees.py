@@ -18,7 +18,7 @@ For one source, every engine that applies is built into its own subfolder of
 Compiled libraries are cached (:mod:`.compile_cache`) in setsuna's cache
 directory. This module only decides which engines apply and turns a failed
 build into a Skipped; the NaN agreement probe of ``allow_nan`` sources is the
-gate's (:func:`build_engines.gate.screen_nan`).
+gate's (:func:`build_engines.gate.screen_nan`), for every source kind.
 
 The public names other code imports from here (``to_features_score``,
 ``exact_lightgbm_thresholds``, the engine constants, ``default_cache_dir``)
@@ -31,7 +31,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from build_engines import gate
 from build_engines.base import F32, Built, Candidate, Skipped, Source
 from build_engines.candidates.compile_cache import CACHE_ENV, default_cache_dir
 from build_engines.candidates.forests import TREE_KINDS, is_forest
@@ -101,8 +100,8 @@ def convert(
     """Build every tree engine that applies to ``source`` under ``workdir``.
 
     ``calib`` rows are not needed to build tree engines; they feed the ONNX
-    load check and, for ``allow_nan`` sources, the NaN probe that skips any
-    candidate whose missing-value handling differs from the source library.
+    load check (and, in :func:`build_engines.build.evaluate`, the gate's NaN
+    probe for ``allow_nan`` sources).
     """
     if source.kind not in TREE_KINDS:
         raise SourceError(
@@ -130,4 +129,4 @@ def convert(
             "the onnx candidate serves it"
         )
         built += [Skipped(name="tl2cgen", reason=why), Skipped(name="fil", reason=why)]
-    return gate.screen_nan(built, source, calib)
+    return built

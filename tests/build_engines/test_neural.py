@@ -347,3 +347,26 @@ def test_trainers_are_deterministic_and_restore_threads() -> None:
     lstm = train_lstm(seqs, epochs=1, hidden=8)
     out = _torch(lstm, seqs.x_valid)
     assert out.shape == (len(seqs.x_valid), 1) and ((out > 0) & (out < 1)).all()
+
+
+def test_allow_nan_sources_get_the_gates_nan_probe(tmp_path: Path) -> None:
+    """The probe once ran for tree sources only; now every converter's candidates face it.
+
+    fp32 ONNX propagates NaN exactly as torch does, so it is judged; INT8 turns
+    NaN into numbers (quantised, or the whole batch's scale poisoned) where torch
+    gives NaN, which the probe reports instead of letting it be published.
+    """
+    from build_engines import gate
+    from build_engines.build import evaluate
+    from build_engines.spec import ModelSpec
+
+    x = _rows((MLP_FEATURES,), seed=14, n=400)
+    source = from_torch(_mlp(), x[:4], name="mlp_nan", allow_nan=True)
+    fast = gate.GateSettings(latency_calls=20, batch_budget_s=0.01)
+    ev = evaluate(source, x, ModelSpec("mlp_nan", gate=fast), ("local",), tmp_path)
+    judged = {f.name for f in ev.report.candidates}
+    probed = {s.name: s.reason for s in ev.report.skipped if "rows with NaN" in s.reason}
+    assert "onnx" in judged and "onnx" not in probed
+    assert probed and set(probed) <= set(INT8), probed
+    assert all("torch" in reason and "allow_nan=False" in reason for reason in probed.values())
+    assert not any((ev.stage / name).exists() for name in probed)
