@@ -19,7 +19,7 @@ import pytest
 from ensembles import repository as rep
 from ensembles import signal
 from setsuna.contract import ExperimentDoc, Target
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
 README = Path(__file__).parents[1] / "README.md"
@@ -46,9 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
         in_process=True,
         thresholds=signal.Thresholds(),
     )
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as s:
+    with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as s:
         yield s
 
 

@@ -51,7 +51,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -177,6 +177,14 @@ class ServerSettings:
     log_verbose: int = 0
     exit_timeout_s: int = 5
     models: tuple[str, ...] = field(init=False)
+
+    @classmethod
+    def on_free_ports(cls, model_repository: Path, **settings: Any) -> ServerSettings:
+        """Settings for ``model_repository`` on three ports free now (tests, benchmarks)."""
+        http, grpc, metrics = free_ports(3)
+        return cls(
+            model_repository, http_port=http, grpc_port=grpc, metrics_port=metrics, **settings
+        )
 
     def __post_init__(self) -> None:
         repo = Path(self.model_repository).expanduser()
@@ -671,6 +679,26 @@ class LocalTriton:
     the tail of the log. The server runs in its own process group so
     ``stop()`` also reaps the Python stub processes.
     """
+
+    @classmethod
+    def on_free_ports(
+        cls,
+        model_repository: Path,
+        *,
+        log_path: Path | None = None,
+        watchdog: bool = True,
+        ready_timeout_s: float = 120.0,
+        **settings: Any,
+    ) -> LocalTriton:
+        """A server on ``model_repository`` listening on three ports free now.
+
+        The one way tests, benchmarks and the demo start a private server:
+        ``settings`` are :class:`ServerSettings` fields (``http=True``,
+        ``load_models=...``); the ports are picked here (racy by nature, like
+        :func:`free_ports`). Use it as a context manager.
+        """
+        config = ServerSettings.on_free_ports(model_repository, **settings)
+        return cls(config, log_path=log_path, watchdog=watchdog, ready_timeout_s=ready_timeout_s)
 
     def __init__(
         self,

@@ -33,7 +33,7 @@ from ensembles import repository as rep
 from ensembles.limits import Limits
 from setsuna import seal
 from setsuna.errors import ConfigError
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import Gate, build_logistic_models, stuck_model
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -85,9 +85,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     rep.write_combiner(
         repo, files / "ab.json", N, name="local", serving=BATCHED, limits=fast, in_process=True
     )
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as server:
+    with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as server:
         yield Served(server, gate, repo)
     os.close(gate.release)
     os.close(gate.started)

@@ -22,7 +22,7 @@ from ensembles import repository as rep
 from ensembles.limits import Limits
 from setsuna import deadline, seal
 from setsuna.contract import ExperimentDoc, Target
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
 N = 5
@@ -48,9 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
         exp = root / f"{name}.json"
         exp.write_text(json.dumps(_experiment(model)))
         rep.write_router(repo, exp, N, name=name, limits=Limits(bls_timeout_ms=5_000))
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as srv:
+    with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as srv:
         yield srv
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ensembles.__main__ import main, write_examples
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -34,9 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
     x = RNG.normal(size=(400, N)).astype(np.float32)
     build_logistic_models(root, W, x)
     assert main(["--model-repository", str(root / "local")]) == 0
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(root / "local", http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as srv:
+    with LocalTriton.on_free_ports(root / "local", log_path=root / "triton.log") as srv:
         yield srv
 
 

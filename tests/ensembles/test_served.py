@@ -29,7 +29,7 @@ from ensembles.limits import Limits
 from setsuna import seal
 from setsuna.contract import ExperimentDoc, ExperimentVersion, Signal, Target
 from setsuna.errors import SetsunaError
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -205,11 +205,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         serving=rep.Serving(instances=1),
     )
     rep.write_feedback(repo, outcomes)
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(
-        repo, http_port=http, grpc_port=grpc, metrics_port=metrics, cache_size_bytes=1 << 20
-    )
-    with LocalTriton(settings, log_path=root / "triton.log") as server:
+    with LocalTriton.on_free_ports(
+        repo, cache_size_bytes=1 << 20, log_path=root / "triton.log"
+    ) as server:
         yield Served(server, repo, shadow_log)
 
 
@@ -554,11 +552,9 @@ def test_decide_refuses_to_load_a_tampered_arm(served: Served, tmp_path: Path) -
     rep.write_router(repo, tmp_path / "exp.json", N_FEATURES, name="decide", in_process=True)
     onnx_file = repo / "beta" / "1" / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(
-        repo, http_port=http, grpc_port=grpc, metrics_port=metrics, load_models=("decide",)
+    server = LocalTriton.on_free_ports(
+        repo, load_models=("decide",), log_path=tmp_path / "triton.log"
     )
-    server = LocalTriton(settings, log_path=tmp_path / "triton.log")
     with pytest.raises(SetsunaError, match="decide"):
         server.start()
     server.stop()

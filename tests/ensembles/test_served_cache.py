@@ -35,7 +35,7 @@ from ensembles.cache import ENTRY_OVERHEAD_BYTES
 from ensembles.limits import Limits
 from setsuna import seal
 from setsuna.contract import ExperimentDoc, ExperimentVersion, Target
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -119,9 +119,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             repo, files / "decide.json", N, name=name, in_process=True, thresholds=THRESHOLDS,
             serving=one, limits=limits,
         )  # fmt: skip
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as server:
+    with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as server:
         yield Served(server, repo)
 
 

@@ -33,7 +33,7 @@ from ensembles import signal
 from ensembles.limits import Limits
 from setsuna import seal
 from setsuna.contract import ExperimentDoc, ExperimentVersion, Target
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import Gate, build_logistic_models, stuck_model
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -98,9 +98,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         serving=rep.Serving(instances=2),
         limits=patient,
     )
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as server:
+    with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as server:
         yield Served(server, repo, root, gate)
     os.close(gate.release)
     os.close(gate.started)

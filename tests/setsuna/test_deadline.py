@@ -27,7 +27,7 @@ from build_engines.spec import ModelSpec
 from setsuna import deadline, seal
 from setsuna.client import AsyncClient, Client, ClientSettings
 from setsuna.errors import ConfigError, OverloadedError
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import logistic_candidate, logistic_source
 
 W = np.random.default_rng(4).normal(size=5).astype(np.float32)
@@ -101,9 +101,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
         text + 'parameters { key: "shed_margin_us" value { string_value: "60e6" } }\n'
     )
     seal.seal_model(repo / "strict")
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as srv:
+    with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as srv:
         yield srv
 
 

@@ -32,7 +32,7 @@ from setsuna.features import FeatureEngine, default_spec
 from setsuna.market import BarRecords, ReplayFeed, datasets
 from setsuna.pipeline import Pipeline, PipelineSettings
 from setsuna.policy import ThresholdPolicy
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
 pytest.importorskip("pandas")
@@ -93,11 +93,9 @@ def dead(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dead]:
     bars_csv = root / "eurusd.csv"
     frame.to_csv(bars_csv, index=False)
     feed = ReplayFeed.from_frame(frame)
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
     # Without LocalTriton's stub watchdog: the model stays dead and READY, as Triton
     # alone leaves it (and as it is between a death and a reload that may fail).
-    with LocalTriton(settings, log_path=root / "triton.log", watchdog=False) as server:
+    with LocalTriton.on_free_ports(repo, log_path=root / "triton.log", watchdog=False) as server:
         with Client(server.grpc_url) as client:  # alive before the kill
             client.infer(MODEL, np.zeros((1, len(SPEC)), np.float32))
         assert server.pid is not None

@@ -33,7 +33,7 @@ from setsuna.features import FeatureEngine, default_spec
 from setsuna.market import BarRecords, ReplayFeed, datasets
 from setsuna.pipeline import Decisions, Pipeline, PipelineSettings
 from setsuna.policy import ThresholdPolicy
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
 pytest.importorskip("pandas")
@@ -64,9 +64,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     feed = ReplayFeed.from_frame(
         pd.concat([datasets.eurusd(), datasets.sp500(), datasets.nasdaq()], ignore_index=True)
     )
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=root / "triton.log") as server:
+    with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as server:
         yield Served(server, np.array(feed.records), feed.symbols)
 
 

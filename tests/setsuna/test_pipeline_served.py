@@ -42,7 +42,7 @@ from setsuna.market import ReplayFeed, datasets
 from setsuna.pipeline import ModelCatalog, Pipeline, PipelineSettings
 from setsuna.policy import ThresholdPolicy
 from setsuna.replay import replay
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton, free_ports
 from tests.helpers import logistic_candidate, logistic_source
 
 pytest.importorskip("pandas")
@@ -107,10 +107,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         f.iloc[int(len(f) * 0.7) - warm :] for f in (bars, datasets.sp500(), datasets.nasdaq())
     ]
     feed = ReplayFeed.from_frame(pd.concat(tails, ignore_index=True))
-    http, grpc, metrics = free_ports(3)
     # HTTP is off by default; on here because the client test covers both protocols.
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, http=True)
-    with LocalTriton(settings, log_path=root / "triton.log") as server:
+    with LocalTriton.on_free_ports(repo, http=True, log_path=root / "triton.log") as server:
         yield Served(server, repo, feed, warm)
 
 
@@ -253,15 +251,9 @@ def test_verify_reports_a_prediction_that_does_not_reproduce(
 
 def test_server_killed_mid_replay_stops_cleanly_and_counts(served: Served, tmp_path: Path) -> None:
     """A second server, killed by a sink after 50 requests: a clean, counted stop."""
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(
-        served.repo,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        load_models=("fx_logit",),
-    )
-    server = LocalTriton(settings, log_path=tmp_path / "triton.log").start()
+    server = LocalTriton.on_free_ports(
+        served.repo, load_models=("fx_logit",), log_path=tmp_path / "triton.log"
+    ).start()
     db = tmp_path / "audit.db"
     engine = FeatureEngine(SPEC, served.feed.symbols)
     seen = []

@@ -87,8 +87,7 @@ def _model(repo: Path, name: str, code: str, *, cached: bool = False) -> None:
 
 
 def _settings(repo: Path, **kw: object) -> ServerSettings:
-    http, grpc, metrics = free_ports(3)
-    return ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, **kw)  # type: ignore[arg-type]
+    return ServerSettings.on_free_ports(repo, **kw)
 
 
 @pytest.fixture(scope="module")

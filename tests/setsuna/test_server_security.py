@@ -46,8 +46,7 @@ TOKEN = "t0ken-for-the-security-tests-" + "x" * 8
 
 
 def _settings(repo: Path, **kw: object) -> ServerSettings:
-    http, grpc, metrics = free_ports(3)
-    return ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, **kw)  # type: ignore[arg-type]
+    return ServerSettings.on_free_ports(repo, **kw)
 
 
 def _children(pid: int) -> list[int]:

@@ -30,7 +30,7 @@ from build_engines import gate
 from build_engines.build import build_model
 from build_engines.spec import ModelSpec, ServingSpec
 from setsuna import seal
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import logistic_candidate, logistic_source
 
 W = np.random.default_rng(9).normal(size=5).astype(np.float32)
@@ -137,10 +137,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fixture]:
         "full": _gated(repo, "gated_full", queue=2, timeout_us=0),
         "stale": _gated(repo, "gated_stale", queue=8, timeout_us=200_000),
     }
-    http, grpc, metrics = free_ports(3)
     # HTTP on: these probes pin the HTTP frontend's answers too (it is off by default).
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, http=True)
-    with LocalTriton(settings, log_path=root / "triton.log") as srv:
+    with LocalTriton.on_free_ports(repo, http=True, log_path=root / "triton.log") as srv:
         yield srv, gates
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tritonclient.utils import InferenceServerException
 
 from setsuna import seal
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 from tests.helpers import IDENTITY_PY, python_model
 
 EVIL = """\
@@ -49,11 +49,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[LocalTriton]:
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(
-        repo, http_port=http, grpc_port=grpc, metrics_port=metrics, load_models=("good",)
-    )
-    with LocalTriton(settings, log_path=repo.parent / "triton.log") as srv:
+    with LocalTriton.on_free_ports(
+        repo, load_models=("good",), log_path=repo.parent / "triton.log"
+    ) as srv:
         yield srv
 
 

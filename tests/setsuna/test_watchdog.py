@@ -23,7 +23,7 @@ import pytest
 
 from setsuna import seal
 from setsuna.errors import ConfigError, ServerError
-from setsuna.server import LocalTriton, ServerSettings, find_tritonserver, free_ports
+from setsuna.server import LocalTriton, find_tritonserver
 from setsuna.watchdog import ModelWatchdog, WatchdogSettings
 
 try:
@@ -105,9 +105,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
         write_model(repo, name, IDENTITY_PY, count)
     (repo / "pair" / "1").mkdir(parents=True)  # an ensemble: no model.py, no stub
     (repo / "pair" / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-    with LocalTriton(settings, log_path=repo.parent / "triton.log", watchdog=False) as srv:
+    with LocalTriton.on_free_ports(
+        repo, log_path=repo.parent / "triton.log", watchdog=False
+    ) as srv:
         yield srv
 
 
