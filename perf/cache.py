@@ -50,11 +50,11 @@ import numpy.typing as npt
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from build_engines.tuning import perf_analyzer as pa
 from build_engines.tuning.inputs import input_rows
 from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
-from perf import perf_analyzer as pa
 from setsuna import manifest, seal
 from setsuna.errors import SetsunaError
 from setsuna.model_config import CONFIG_NAME

@@ -14,7 +14,7 @@ request) drives every member and combiner at concurrency 1 and 32,
 ``--rounds`` times, interleaved (round 1: each model at c=1, then each at
 c=32; round 2: ...), so that load from elsewhere on the host falls on all of
 them alike. Every request's latency is checked for stalls (> 400 ms,
-:mod:`perf.perf_analyzer`).
+:mod:`build_engines.tuning.perf_analyzer`).
 
 ``--floor`` adds the smallest setups that bound what any BLS combiner can
 reach: ``python_floor``, a Python model that answers 0.5 per row (the stub
@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from build_engines.tuning import perf_analyzer as pa
 from build_engines.tuning.inputs import input_rows
 from ensembles import members as mem
 from ensembles import repository as rep
 from ensembles.__main__ import COMBINER_IN_PROCESS, COMBINER_SERVING
-from perf import perf_analyzer as pa
 from setsuna import manifest, seal
 from setsuna.errors import ConfigError, SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports

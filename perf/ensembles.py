@@ -33,11 +33,11 @@ import sys
 from pathlib import Path
 from typing import Any, Final
 
+from build_engines.tuning import perf_analyzer as pa
 from build_engines.tuning.inputs import input_rows
 from ensembles import repository as rep
 from ensembles import signal
 from ensembles.__main__ import DECIDE_SERVING
-from perf import perf_analyzer as pa
 from setsuna import manifest
 from setsuna.errors import SetsunaError
 from setsuna.server import LocalTriton, ServerSettings, free_ports

@@ -129,7 +129,7 @@ def many_symbols(
 
 def perf_analyzer(url: str, batch: int) -> float | None:
     """perf_analyzer's rows/s (its infer/sec) for the same model and batch size, or None."""
-    from perf.perf_analyzer import PerfAnalyzerError, locate
+    from build_engines.tuning.perf_analyzer import PerfAnalyzerError, locate
 
     try:
         binary = locate()

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from build_engines.tuning import perf_analyzer as pa
 from build_engines.tuning.inputs import input_rows
-from perf import perf_analyzer as pa
 from setsuna import manifest
 from setsuna.server import LocalTriton, ServerSettings, free_ports
 

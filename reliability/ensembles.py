@@ -34,6 +34,7 @@ from reliability import models, procs
 from reliability.harness import Lab, Outcome, probe, shared
 from reliability.report import Probe, gist
 from setsuna import seal
+from setsuna.contract import EXPERIMENT_FILE
 from setsuna.server import LocalTriton
 
 N: Final = 4
@@ -296,7 +297,7 @@ def _key_flood(s: Served) -> Outcome:
 
 def _set(s: Served, model: str, doc: dict[str, Any] | str) -> None:
     """Replace the model's experiment file in one step (temp + rename), with a new stamp."""
-    path = s.repo / model / rep.EXPERIMENT_FILE
+    path = s.repo / model / EXPERIMENT_FILE
     tmp = path.with_name(".experiment.json.tmp")
     tmp.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     st = tmp.stat()

@@ -1,8 +1,7 @@
 """Triton's ``perf_analyzer``: find the binary, run it bounded, parse what it reports.
 
 The tuner's measuring instrument, hence in the build's package (``build_engines``
-may not import ``perf``); the perf/ scripts use it too. (Until they import it from
-here, ``perf/perf_analyzer.py`` is a copy of this module: change both or neither.)
+may not import ``perf``); the perf/ scripts import it from here too.
 
 The binary comes from the ``tritonclient==2.47.0`` wheel (``make perf-setup``,
 which runs ``perf/setup_perf_analyzer.sh``) and lives in

@@ -27,7 +27,7 @@ from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
 from setsuna import seal
-from setsuna.contract import ExperimentDoc, ExperimentVersion, Signal, Target
+from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, ExperimentVersion, Signal, Target
 from setsuna.errors import SetsunaError
 from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
@@ -238,7 +238,7 @@ def _replace(path: Path, doc: dict[str, Any]) -> None:
 
 
 def _set_experiment(s: Served, doc: dict[str, Any]) -> None:
-    _replace(s.repo / "router" / rep.EXPERIMENT_FILE, doc)
+    _replace(s.repo / "router" / EXPERIMENT_FILE, doc)
 
 
 KEYS = [f"acct-{i}" for i in range(10_000)]

@@ -34,7 +34,7 @@ from ensembles import signal
 from ensembles.cache import ENTRY_OVERHEAD_BYTES
 from ensembles.limits import Limits
 from setsuna import seal
-from setsuna.contract import ExperimentDoc, ExperimentVersion, Target
+from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, ExperimentVersion, Target
 from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
@@ -212,7 +212,7 @@ def _rows_computed(s: Served, *models: str) -> int:
 
 def _set(s: Served, model: str, doc: dict[str, Any]) -> None:
     """Replace the model's experiment file in one step (temp + rename), with a new stamp."""
-    path = s.repo / model / rep.EXPERIMENT_FILE
+    path = s.repo / model / EXPERIMENT_FILE
     tmp = path.with_name(".experiment.json.tmp")
     tmp.write_text(json.dumps(doc))
     st = tmp.stat()

@@ -32,7 +32,7 @@ from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
 from setsuna import seal
-from setsuna.contract import ExperimentDoc, ExperimentVersion, Target
+from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, ExperimentVersion, Target
 from setsuna.server import LocalTriton
 from tests.helpers import Gate, build_logistic_models, stuck_model
 
@@ -177,7 +177,7 @@ def _wait(what: str, check: Any, timeout_s: float = 60.0) -> Any:
 
 def _set(s: Served, model: str, doc: dict[str, Any] | str) -> None:
     """Replace the model's experiment file in one step, as an operator should (temp + rename)."""
-    path = s.repo / model / rep.EXPERIMENT_FILE
+    path = s.repo / model / EXPERIMENT_FILE
     tmp = path.with_name(".experiment.json.tmp")
     tmp.write_text(doc if isinstance(doc, str) else json.dumps(doc))
     st = tmp.stat()

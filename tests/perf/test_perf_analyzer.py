@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perf import perf_analyzer as pa
+from build_engines.tuning import perf_analyzer as pa
 from setsuna import seal
 from setsuna.errors import ServerError
 from setsuna.server import LocalTriton, ServerSettings, find_tritonserver, free_ports

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from perf import perf_analyzer as pa
+from build_engines.tuning import perf_analyzer as pa
 from perf import targets
 
 DATA = Path(__file__).parent / "data"
