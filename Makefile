@@ -52,7 +52,7 @@ perf-setup: $(STAMP)
 	PY=$(PY) bash perf/setup_perf_analyzer.sh
 
 ## Engine benchmark, then the Triton config sweep (needs `make build-engines`; ~10-15 min):
-## writes .cache/perf/ and merges the chosen settings into perf/tuned.json.
+## writes .cache/perf/ and merges the chosen settings into build_engines/tuning/tuned.json.
 perf: $(STAMP) perf-setup
 	$(PY) perf/engines.py
 	test -f $(REPO)/local/lightgbm/config.pbtxt || $(MAKE) build-engines

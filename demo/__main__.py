@@ -31,7 +31,7 @@ from setsuna.dataset import build_dataset
 from setsuna.market import ReplayFeed
 from setsuna.policy import PolicySettings
 from setsuna.replay import progress_bar, replay, summary_text, write_report
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 
 DECIDE = "decide_eurusd"
 
@@ -82,16 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     feed = ReplayFeed.from_frame(pd.concat(parts, ignore_index=True))
     db = out / "audit.db"
     db.unlink(missing_ok=True)
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(
-        repo,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        load_models=(market.NAME, DECIDE),
-    )
-    with LocalTriton(settings, log_path=out / "triton.log") as server:
-        print(f"tritonserver ready at grpc://{server.grpc_url} ({', '.join(settings.models)})")
+    models = (market.NAME, DECIDE)
+    with LocalTriton.on_free_ports(repo, load_models=models, log_path=out / "triton.log") as server:
+        print(f"tritonserver ready at grpc://{server.grpc_url} ({', '.join(models)})")
         print(f"replaying the unseen tails of {', '.join(feed.symbols)} ({len(feed)} bars)")
         with Client(server.grpc_url) as client:
             result = replay(

@@ -56,9 +56,10 @@ from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
 from setsuna import manifest, seal
+from setsuna.contract import ExperimentDoc, Target
 from setsuna.errors import SetsunaError
 from setsuna.model_config import CONFIG_NAME
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 
 OUT: Final = Path(".cache/perf/cache")
 MODEL: Final = "lightgbm"
@@ -125,14 +126,8 @@ def build(source: Path, out: Path) -> tuple[Path, int]:
     n = manifest.read(repo / MODEL / "1").schema.row_shape[0]
     files = out / "files"
     files.mkdir(exist_ok=True)
-    exp = {
-        "format": 1,
-        "name": "bench",
-        "salt": "bench",
-        "arms": {"control": {"model": MODEL, "version": 1}},
-        "versions": [{"version": 1, "weights": {"control": 1.0}}],
-    }
-    (files / "experiment.json").write_text(json.dumps(exp))
+    exp = ExperimentDoc.single("bench", {"control": Target(MODEL, 1)}, {"control": 1.0})
+    (files / "experiment.json").write_text(exp.dumps())
     for name, limits in (
         ("decide", Limits()),
         ("decide_cached", Limits(cache_max_bytes=CACHE_BYTES, cache_ttl_ms=CACHE_TTL_MS)),
@@ -223,16 +218,10 @@ def _main(args: argparse.Namespace) -> int:
     rows, origin = input_rows(manifest.read(repo / MODEL / "1").schema, 10_000)
     data = inputs(rows, out)
     print(f"rows: {origin}", flush=True)
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(
-        repo,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        cache_size_bytes=TRITON_CACHE_BYTES,
-    )
     runs: list[dict[str, Any]] = []
-    with LocalTriton(settings, log_path=out / "triton.log") as server:
+    with LocalTriton.on_free_ports(
+        repo, cache_size_bytes=TRITON_CACHE_BYTES, log_path=out / "triton.log"
+    ) as server:
         for round_ in range(1, args.rounds + 1):
             # Every other round backwards: neither side of a pair always runs first.
             for path in PLAN if round_ % 2 else PLAN[::-1]:

@@ -47,7 +47,7 @@ from ensembles import repository as rep
 from ensembles.__main__ import COMBINER_IN_PROCESS, COMBINER_SERVING
 from setsuna import manifest, seal
 from setsuna.errors import ConfigError, SetsunaError
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 
 OUT: Final = Path(".cache/perf/combiner")
 COMBINER: Final = "combiner"
@@ -175,10 +175,8 @@ def _main(args: argparse.Namespace) -> int:
     rows, _ = input_rows(manifest.read(repo / names[0] / "1").schema, ROWS)
     data = pa.write_input_json(rows, out / "rows.json", input_name="features")
     load_before = os.getloadavg()
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
     rounds: list[dict[str, dict[int, Figures]]] = []
-    with LocalTriton(settings, log_path=out / "triton.log") as server:
+    with LocalTriton.on_free_ports(repo, log_path=out / "triton.log") as server:
         for k in range(args.rounds):
             got: dict[str, dict[int, Figures]] = {}
             for c in CONCURRENCY:

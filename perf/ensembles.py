@@ -39,8 +39,9 @@ from ensembles import repository as rep
 from ensembles import signal
 from ensembles.__main__ import DECIDE_SERVING
 from setsuna import manifest
+from setsuna.contract import ExperimentDoc, Target
 from setsuna.errors import SetsunaError
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 
 OUT: Final = Path(".cache/perf/ensembles")
 MODEL: Final = "lightgbm"
@@ -62,14 +63,8 @@ def build(source: Path, out: Path) -> tuple[Path, int]:
     n = manifest.read(repo / MODEL / "1").schema.row_shape[0]
     files = out / "files"
     files.mkdir(exist_ok=True)
-    exp = {
-        "format": 1,
-        "name": "bench",
-        "salt": "bench",
-        "arms": {"control": {"model": MODEL, "version": 1}},
-        "versions": [{"version": 1, "weights": {"control": 1.0}}],
-    }
-    (files / "experiment.json").write_text(json.dumps(exp))
+    exp = ExperimentDoc.single("bench", {"control": Target(MODEL, 1)}, {"control": 1.0})
+    (files / "experiment.json").write_text(exp.dumps())
     sel = {
         "format": 1,
         "family": MODEL,
@@ -129,10 +124,8 @@ def _main(args: argparse.Namespace) -> int:
     params = {"router": {"key": "sym1"}}
     wanted = set(args.paths.split(",")) | {MODEL}
     plan = [m for m in PATHS if m in wanted]
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
     rounds: list[dict[str, dict[int, pa.RunResult]]] = []
-    with LocalTriton(settings, log_path=out / "triton.log") as server:
+    with LocalTriton.on_free_ports(repo, log_path=out / "triton.log") as server:
         for n in range(args.rounds):
             results: dict[str, dict[int, pa.RunResult]] = {}
             for c in (1, 32):

@@ -43,7 +43,7 @@ import tritonclient.grpc.aio as aio
 
 from setsuna.client import AsyncClient, ClientSettings
 from setsuna.errors import ServingError
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 
 MODEL = "wide_mlp"
 N_FEATURES = 48
@@ -235,11 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         repo = build(Path(tmp))
-        http, grpc, metrics = free_ports(3)
-        settings = ServerSettings(
-            repo, http_port=http, grpc_port=grpc, metrics_port=metrics, cache_size_bytes=0
-        )
-        with LocalTriton(settings, log_path=args.out / "triton.log") as server:
+        log = args.out / "triton.log"
+        with LocalTriton.on_free_ports(repo, cache_size_bytes=0, log_path=log) as server:
             doc = asyncio.run(phases(server.grpc_url, args))
     lines = verdict(doc)
     print("\n".join(lines))

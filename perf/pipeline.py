@@ -33,7 +33,7 @@ from setsuna.features import FeatureEngine, default_spec
 from setsuna.market import BarRecords, ReplayFeed, datasets
 from setsuna.pipeline import LatencyHistogram, Pipeline, PipelineSettings
 from setsuna.policy import ThresholdPolicy
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton
 
 MODEL = "eurusd_lgbm"
 
@@ -179,16 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     sync: Synchronous = args.audit_synchronous
     audit = AuditSettings(synchronous=sync)
     bars = np.array(ReplayFeed.from_frame(datasets.eurusd()).records)
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(
-        args.model_repository,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        load_models=(MODEL,),
-        max_input_size_bytes=64 << 20,
+    server_ = LocalTriton.on_free_ports(
+        args.model_repository, load_models=(MODEL,), max_input_size_bytes=64 << 20
     )
-    with tempfile.TemporaryDirectory() as tmp, LocalTriton(settings) as server:
+    with tempfile.TemporaryDirectory() as tmp, server_ as server:
         out = Path(tmp)
         a = one_symbol(server.grpc_url, bars[:1600], out, audit)
         b = many_symbols(server.grpc_url, bars, args.symbols, out, audit)

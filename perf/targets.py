@@ -3,7 +3,7 @@
     .venv/bin/python -m perf.targets [--model-repository model_repository/local]
 
 Starts the local Triton with every example engine loaded (the tuned configs
-of ``perf/tuned.json``), drives ``lightgbm`` with perf_analyzer on distinct
+of ``build_engines/tuning/tuned.json``), drives ``lightgbm`` with perf_analyzer on distinct
 held-out rows (client on the same 2 cores), and prints each figure beside
 its target with PASS/MISS: c=1 p99 over HTTP and gRPC, single-row infer/s and
 p99 at c=32, rows/s with 1,024-row binary requests (c=1, 2, 4), the memory of
@@ -32,7 +32,7 @@ import psutil
 from build_engines.tuning import perf_analyzer as pa
 from build_engines.tuning.inputs import input_rows
 from setsuna import manifest
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton, ServerSettings
 
 OUT = Path(".cache/perf")
 MODEL = "lightgbm"
@@ -137,9 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, _ = input_rows(schema)
     OUT.mkdir(parents=True, exist_ok=True)
     data = pa.write_input_json(rows, OUT / "targets_rows.json", input_name="features")
-    http, grpc, metrics = free_ports(3)
-    # The engines only: the memory target is about the example models, and the
-    # ensembles (router, decide, ...) are measured by perf/ensembles.py.
+    # The engines only for the latency runs (the ensembles are perf/ensembles.py's);
+    # the memory target is measured again below with every model loaded.
     engines = tuple(
         sorted(
             p.name
@@ -147,11 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             if (p / "1" / manifest.MANIFEST_NAME).is_file()
         )
     )
-    settings = ServerSettings(
+    settings = ServerSettings.on_free_ports(
         args.model_repository,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
         http=True,  # this benchmark measures the HTTP frontend too (off by default)
         load_models=engines,
     )
@@ -204,11 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout_s=args.stall_seconds * 2 + 60,
             )
     # Every model of the repository, as `make serve` loads it: the memory target.
-    http, grpc, metrics = free_ports(3)
-    everything = ServerSettings(
-        args.model_repository, http_port=http, grpc_port=grpc, metrics_port=metrics
-    )
-    with LocalTriton(everything) as server:
+    with LocalTriton.on_free_ports(args.model_repository) as server:
         all_memory = measure_memory(server.pid or 0)
     print(f"  memory, the engines alone: {engines_memory.describe()}")
     print(f"  memory, every model:       {all_memory.describe()}")

@@ -34,7 +34,7 @@ from reliability import models, procs
 from reliability.harness import Lab, Outcome, probe, shared
 from reliability.report import Probe, gist
 from setsuna import seal
-from setsuna.contract import EXPERIMENT_FILE
+from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, ExperimentVersion, Target
 from setsuna.server import LocalTriton
 
 N: Final = 4
@@ -104,13 +104,13 @@ class Served:
 
 
 def _experiment(*weights: dict[str, float], **arms: str) -> dict[str, Any]:
-    return {
-        "format": 1,
-        "name": "reliability",
-        "salt": "reliability-2026",
-        "arms": {arm: {"model": model, "version": 1} for arm, model in arms.items()},
-        "versions": [{"version": i + 1, "weights": w} for i, w in enumerate(weights)],
-    }
+    """The document as the contract writes it (not validated: probes write bad ones too)."""
+    return ExperimentDoc(
+        "reliability",
+        "reliability-2026",
+        {arm: Target(model, 1) for arm, model in arms.items()},
+        tuple(ExperimentVersion(i + 1, w) for i, w in enumerate(weights)),
+    ).to_json()
 
 
 def _start(lab: Lab) -> Served:

@@ -20,13 +20,12 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton, ServerSettings
 
 
 def settings(repo: Path, **kw: Any) -> ServerSettings:
     """Settings on three free ports (HTTP off, as by default)."""
-    http, grpc, metrics = free_ports(3)
-    return ServerSettings(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, **kw)
+    return ServerSettings.on_free_ports(repo, **kw)
 
 
 def start(repo: Path, log: Path, **kw: Any) -> LocalTriton:

@@ -43,7 +43,7 @@ from setsuna import seal
 from setsuna.errors import ConfigError, SetsunaError
 from setsuna.model_config import CONFIG_NAME
 from setsuna.schema import INPUT_NAME
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton, ServerSettings
 
 CONCURRENCY: Final = (1, 2, 4, 8, 16, 32)
 BATCH_ROWS: Final = 1024
@@ -174,12 +174,8 @@ class Sweep:
         # The seal covers config.pbtxt: sealed again, as a publisher would, or the
         # stub guard refuses every variant but the one built (seen: all but default).
         seal.seal_model(repo / model.name)
-        http, grpc, metrics = free_ports(3)
-        settings = ServerSettings(
-            model_repository=repo,
-            http_port=http,
-            grpc_port=grpc,
-            metrics_port=metrics,
+        settings = ServerSettings.on_free_ports(
+            repo,
             http=True,  # this benchmark measures the HTTP frontend too (off by default)
             load_models=(model.name,),
             cache_size_bytes=CACHE_BYTES,

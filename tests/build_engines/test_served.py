@@ -25,7 +25,7 @@ from build_engines.base import F32, Built, Converter, Source
 from build_engines.build import build_model, converter_for
 from build_engines.spec import ModelSpec
 from setsuna import manifest, runtime, seal
-from setsuna.server import LocalTriton, ServerSettings, find_tritonserver, free_ports
+from setsuna.server import LocalTriton, find_tritonserver
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -144,15 +144,9 @@ def served(
     cfg = root / "repo" / "local" / "tampered" / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace('name: "lgbm"', 'name: "tampered"'))
     seal.seal_model(cfg.parent)  # published under its new name; the test then tampers with it
-    http, grpc, metrics = free_ports(3)
-    settings_ = ServerSettings(
-        root / "repo" / "local",
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
-        load_models=tuple(out),
-    )
-    with LocalTriton(settings_, log_path=root / "triton.log") as server:
+    with LocalTriton.on_free_ports(
+        root / "repo" / "local", load_models=tuple(out), log_path=root / "triton.log"
+    ) as server:
         yield server, out
 
 

@@ -27,7 +27,7 @@ import pytest
 from build_engines.tuning import perf_analyzer as pa
 from setsuna import seal
 from setsuna.errors import ServerError
-from setsuna.server import LocalTriton, ServerSettings, find_tritonserver, free_ports
+from setsuna.server import LocalTriton, find_tritonserver
 
 DATA = Path(__file__).parent / "data"
 
@@ -249,16 +249,12 @@ def identity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalTr
     seal.seal_model(repo / "identity")  # the stub guard loads only sealed folders
     rows = np.random.default_rng(1).standard_normal((2000, 4)).astype(np.float32)
     data = pa.write_input_json(rows, repo.parent / "rows.json", input_name="features")
-    http, grpc, metrics = free_ports(3)
-    settings = ServerSettings(
+    with LocalTriton.on_free_ports(
         repo,
-        http_port=http,
-        grpc_port=grpc,
-        metrics_port=metrics,
         http=True,  # both protocols are measured
         cache_size_bytes=16 * 1024,  # far fewer entries than rows: distinct rows all miss
-    )
-    with LocalTriton(settings, log_path=repo.parent / "triton.log") as server:
+        log_path=repo.parent / "triton.log",
+    ) as server:
         yield server, data
 
 
