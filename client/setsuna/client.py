@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -51,8 +51,8 @@ from setsuna.errors import (
     UnavailableError,
 )
 from setsuna.schema import INPUT_NAME
+from setsuna.transport import Protocol, transport
 
-Protocol = Literal["grpc", "http"]
 KEY_INPUT = KEY
 #: Output of routed models (``router``, ``decide``) naming the engine of each row.
 SERVED_BY_OUTPUT = MODEL
@@ -226,8 +226,7 @@ class _Core:
     """What the sync and async clients share: settings, metadata cache, tensor building."""
 
     def __init__(self, url: str, protocol: Protocol, settings: ClientSettings) -> None:
-        if protocol not in ("grpc", "http"):
-            raise ConfigError(f"protocol={protocol!r}: choose 'grpc' or 'http'")
+        self.wire = transport(protocol)
         if not url or "://" in url:
             raise ConfigError(f"url={url!r}: give host:port without a scheme, e.g. 127.0.0.1:8001")
         self.url = url
@@ -238,24 +237,10 @@ class _Core:
         self._prefix = f"{time.monotonic_ns():x}-"
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
-        if protocol == "grpc":
-            import tritonclient.grpc as mod
-        else:
-            import tritonclient.http as mod
-        self.mod: Any = mod
-        #: gRPC returns protobuf unless asked for JSON; HTTP returns JSON and takes no flag.
-        self.as_json: dict[str, bool] = {"as_json": True} if protocol == "grpc" else {}
+        self.mod: Any = self.wire.module()
 
     def info_from(self, model: str, version: str, meta: Any, config: Any) -> ModelInfo:
-        if self.protocol == "grpc":
-            inputs = [(i.name, tuple(int(d) for d in i.shape)) for i in meta.inputs]
-            outputs = tuple(o.name for o in meta.outputs)
-            max_batch = int(config.config.max_batch_size)
-        else:
-            inputs = [(i["name"], tuple(int(d) for d in i["shape"])) for i in meta["inputs"]]
-            outputs = tuple(o["name"] for o in meta["outputs"])
-            max_batch = int(config.get("max_batch_size", 0))
-        shapes = dict(inputs)
+        shapes, outputs, max_batch = self.wire.signature(meta, config)
         if INPUT_NAME not in shapes:
             raise ModelNotReadyError(
                 f"{model} has no {INPUT_NAME!r} input (inputs: {sorted(shapes)}): "
@@ -330,7 +315,7 @@ class _Core:
         self, info: ModelInfo, x: npt.NDArray[np.float32], key: Any, outputs: Sequence[str] | None
     ) -> tuple[list[Any], list[Any]]:
         mod = self.mod
-        binary = {} if self.protocol == "grpc" else {"binary_data": True}
+        binary = self.wire.tensor
         inp = mod.InferInput(INPUT_NAME, list(x.shape), "FP32")
         inp.set_data_from_numpy(x, **binary)
         inputs = [inp]
@@ -350,13 +335,9 @@ class _Core:
     def prediction(
         self, result: Any, wanted: Sequence[str], request_id: str, attempts: int
     ) -> Prediction:
-        response = result.get_response()
-        if self.protocol == "grpc":
-            name, version = response.model_name, response.model_version
-        else:
-            name, version = response["model_name"], response["model_version"]
+        name, version = self.wire.served_by(result.get_response())
         outputs = {n: result.as_numpy(n) for n in wanted}
-        return Prediction(str(name), str(version), outputs, request_id, attempts)
+        return Prediction(name, version, outputs, request_id, attempts)
 
 
 def _keys(key: Any, n: int) -> np.ndarray[Any, Any]:
@@ -394,14 +375,9 @@ class Client:
         """``models``: connect and read these models' metadata now (:meth:`warm_up`)."""
         self._core = _Core(url, protocol, settings or ClientSettings())
         s = self._core.settings
-        if protocol == "grpc":
-            self._stub: Any = self._core.mod.InferenceServerClient(url)
-        else:
-            self._stub = self._core.mod.InferenceServerClient(
-                url,
-                connection_timeout=s.connect_timeout_ms / 1e3,
-                network_timeout=s.deadline_ms / 1e3,
-            )
+        self._stub: Any = self._core.wire.stub(
+            url, connect_timeout_s=s.connect_timeout_ms / 1e3, network_timeout_s=s.deadline_ms / 1e3
+        )
         if models:
             try:
                 self.warm_up(*models)
@@ -467,13 +443,11 @@ class Client:
         inputs, requested = core.build(info, x, key, outputs)
         wanted = [r.name() for r in requested]
         request_id = core.request_id()
-        grpc = core.protocol == "grpc"
         attempt = 0
         with core.admitted(model):
             while True:
                 left_s = core.time_left_s(model, budget_ms, start)
-                # HTTP's timeout is the connection's, set once from settings.deadline_ms.
-                timeout = {"client_timeout": left_s} if grpc else {}
+                timeout = core.wire.call_timeout(left_s)
                 try:
                     result = self._stub.infer(
                         model,
@@ -520,7 +494,7 @@ class Client:
     def statistics(self, model: str = "", version: str = "") -> dict[str, dict[str, int]]:
         """Triton's cumulative per-model counters: counts and nanoseconds per stage."""
         try:
-            raw = self._stub.get_inference_statistics(model, version, **self._core.as_json)
+            raw = self._stub.get_inference_statistics(model, version, **self._core.wire.as_json)
         except Exception as exc:  # translated at the boundary
             raise translate(exc, model or "<server>") from exc
         return parse_statistics(raw)
@@ -569,15 +543,8 @@ class AsyncClient:
         """``models``: warmed up on ``async with`` (a constructor cannot await)."""
         self._core = _Core(url, protocol, settings or ClientSettings())
         self._warm = tuple(models)
-        if protocol == "grpc":
-            import tritonclient.grpc.aio as aio
-        else:
-            import tritonclient.http.aio as aio
-        s = self._core.settings
-        if protocol == "grpc":
-            self._stub: Any = aio.InferenceServerClient(url)
-        else:
-            self._stub = aio.InferenceServerClient(url, conn_timeout=s.connect_timeout_ms / 1e3)
+        connect_s = self._core.settings.connect_timeout_ms / 1e3
+        self._stub: Any = self._core.wire.async_stub(url, connect_timeout_s=connect_s)
 
     @property
     def url(self) -> str:
@@ -675,7 +642,9 @@ class AsyncClient:
     async def statistics(self, model: str = "", version: str = "") -> dict[str, dict[str, int]]:
         """As :meth:`Client.statistics`."""
         try:
-            raw = await self._stub.get_inference_statistics(model, version, **self._core.as_json)
+            raw = await self._stub.get_inference_statistics(
+                model, version, **self._core.wire.as_json
+            )
         except Exception as exc:  # translated at the boundary
             raise translate(exc, model or "<server>") from exc
         return parse_statistics(raw)
