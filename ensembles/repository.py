@@ -34,13 +34,13 @@ from setsuna import model_config, seal
 from setsuna.contract import (
     ARM,
     CONFIDENCE,
+    DECIDED_BY,
     EXPERIMENT_FILE,
     EXPERIMENT_VERSION,
     INSTANCE,
     KEY,
     MODEL,
     MODELS,
-    POLICY,
     SIGNAL,
     Target,
 )
@@ -169,7 +169,7 @@ def write_router(
     if thresholds is not None:
         cfg.output.append(mc.ModelOutput(name=SIGNAL, data_type=mc.TYPE_INT8, dims=[1]))
         cfg.output.append(mc.ModelOutput(name=CONFIDENCE, data_type=mc.TYPE_FP32, dims=[1]))
-        cfg.output.append(mc.ModelOutput(name=POLICY, data_type=mc.TYPE_STRING, dims=[1]))
+        cfg.output.append(mc.ModelOutput(name=DECIDED_BY, data_type=mc.TYPE_STRING, dims=[1]))
     cfg.parameters["experiment_file"].string_value = EXPERIMENT_FILE
     cfg.parameters["in_process"].string_value = "true" if in_process else "false"
     _limits(cfg, limits)
@@ -197,7 +197,7 @@ def write_signal(
     cfg.input.append(mc.ModelInput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[1]))
     cfg.output.append(mc.ModelOutput(name=SIGNAL, data_type=mc.TYPE_INT8, dims=[1]))
     cfg.output.append(mc.ModelOutput(name=CONFIDENCE, data_type=mc.TYPE_FP32, dims=[1]))
-    cfg.output.append(mc.ModelOutput(name=POLICY, data_type=mc.TYPE_STRING, dims=[1]))
+    cfg.output.append(mc.ModelOutput(name=DECIDED_BY, data_type=mc.TYPE_STRING, dims=[1]))
     cfg.version_policy.latest.num_versions = 1
     folder = _write(repo, cfg, {v: "signal" for v in thresholds})
     for v, t in thresholds.items():
@@ -254,7 +254,7 @@ def write_decision(
         ARM: mc.TYPE_STRING,
         MODEL: mc.TYPE_STRING,
         EXPERIMENT_VERSION: mc.TYPE_INT32,
-        POLICY: mc.TYPE_STRING,
+        DECIDED_BY: mc.TYPE_STRING,
     }
     for out, dtype in outs.items():
         cfg.output.append(mc.ModelOutput(name=out, data_type=dtype, dims=[1]))
@@ -265,7 +265,7 @@ def write_decision(
         route.output_map[out] = out
     decide = cfg.ensemble_scheduling.step.add(model_name=signal_model, model_version=-1)
     decide.input_map[OUTPUT_NAME] = OUTPUT_NAME
-    for out in (SIGNAL, CONFIDENCE, POLICY):
+    for out in (SIGNAL, CONFIDENCE, DECIDED_BY):
         decide.output_map[out] = out
     folder = _write(repo, cfg, None)
     (folder / "1").mkdir(exist_ok=True)  # Triton wants a version folder, empty for an ensemble

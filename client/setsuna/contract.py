@@ -5,8 +5,9 @@
   routed and deciding models add ``key`` (BYTES, the sticky key) and answer
   ``arm``, ``model`` (``name:version`` of the engine that scored the row),
   ``experiment_version``, ``instance`` (by name only), and with thresholds
-  ``signal``, ``confidence`` and ``policy`` (``name:version`` of the model whose
-  thresholds decided); the combiner answers ``models`` (every member).
+  ``signal``, ``confidence`` and ``decided_by`` (``name:version`` of the model
+  whose thresholds decided: a ``signal`` or ``decide`` version); the combiner
+  answers ``models`` (every member).
 - **Signal codes.** :class:`Signal`: BUY 1, HOLD 0, SELL -1, as int8 on the wire.
 - **Model names and versions.** :func:`model_name` (Triton's rule, and a
   folder name) and :class:`Target` (a model and the version that answers:
@@ -44,7 +45,7 @@ MODEL: Final = "model"
 MODELS: Final = "models"
 ARM: Final = "arm"
 EXPERIMENT_VERSION: Final = "experiment_version"
-POLICY: Final = "policy"
+DECIDED_BY: Final = "decided_by"
 INSTANCE: Final = "instance"
 
 

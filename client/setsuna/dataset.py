@@ -25,7 +25,7 @@ import numpy as np
 
 from setsuna.errors import ConfigError
 from setsuna.features import FeatureSpec, default_spec, features_frame
-from setsuna.market import Policy, read_frame
+from setsuna.market import OnBadRows, read_frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,17 +40,17 @@ def build_dataset(
     *,
     horizon_bars: int,
     spec: FeatureSpec | None = None,
-    policy: Policy = "raise",
+    on_bad_rows: OnBadRows = "raise",
 ) -> pd.DataFrame:
     """Features, ``close``, ``fwd_return`` and ``label`` per bar (see the module docstring)."""
     if horizon_bars < 1:
         raise ConfigError(f"horizon_bars={horizon_bars}: give at least 1 bar ahead")
     spec = spec or default_spec()
-    table, _ = features_frame(bars, spec, policy=policy)
+    table, _ = features_frame(bars, spec, on_bad_rows=on_bad_rows)
     # features_frame keeps replay order; attach each row's close the same way.
     from setsuna.market import frame_to_records
 
-    records, _, _ = frame_to_records(bars, policy=policy)
+    records, _, _ = frame_to_records(bars, on_bad_rows=on_bad_rows)
     close = records["close"].astype(np.float64)
     table[CLOSE] = close
     sym = table["symbol"].to_numpy()
@@ -83,7 +83,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output .parquet file")
     parser.add_argument("--spec", type=Path, help="feature spec JSON (default: the default set)")
     parser.add_argument(
-        "--policy", choices=("raise", "drop"), default="raise", help="bad/out-of-order rows"
+        "--on-bad-rows", choices=("raise", "drop"), default="raise", help="bad/out-of-order rows"
     )
     parser.set_defaults(handler=_run)
 
@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: the output must be a .parquet file")
     spec = FeatureSpec.loads(args.spec.read_text()) if args.spec else default_spec()
     data = build_dataset(
-        read_frame(args.data), horizon_bars=args.horizon, spec=spec, policy=args.policy
+        read_frame(args.data), horizon_bars=args.horizon, spec=spec, on_bad_rows=args.on_bad_rows
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data.to_parquet(args.out, index=False)

@@ -67,7 +67,7 @@ from setsuna.errors import (
 )
 from setsuna.features import FeatureEngine
 from setsuna.market import BarRecords
-from setsuna.policy import Policy
+from setsuna.policy import TradingPolicy
 from setsuna.schema import OUTPUT_NAME, FeatureSchema
 
 STAGES = ("features", "infer", "policy", "audit", "tick_to_signal")
@@ -270,7 +270,7 @@ class Pipeline:
         self,
         engine: FeatureEngine,
         client: Client,
-        policy: Policy,
+        policy: TradingPolicy,
         settings: PipelineSettings,
         *,
         audit: AuditLog | None = None,

@@ -36,7 +36,7 @@ I8 = npt.NDArray[np.int8]
 I64 = npt.NDArray[np.int64]
 
 
-class Policy(Protocol):
+class TradingPolicy(Protocol):
     """What the pipeline needs from a policy."""
 
     #: Model outputs the policy reads (the pipeline asks Triton for them).

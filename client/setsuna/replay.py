@@ -159,7 +159,7 @@ def replay(
     """Replay ``feed`` through ``model``; see the module docstring."""
     records = np.array(feed.records)  # a writeable copy: the engine's fast path
     symbols = feed.symbols
-    engine = FeatureEngine(spec, symbols, policy="drop")
+    engine = FeatureEngine(spec, symbols, on_bad_rows="drop")
     first = np.ones(len(records), dtype=bool)
     if warmup_bars:
         rank = np.zeros(len(records), dtype=np.int64)
@@ -344,7 +344,7 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     spec = FeatureSpec.loads(args.spec.read_text()) if args.spec else default_spec()
-    feed = ReplayFeed.from_frame(read_frame(args.data), policy=args.on_bad_rows)
+    feed = ReplayFeed.from_frame(read_frame(args.data), on_bad_rows=args.on_bad_rows)
     with Client(args.url, args.protocol, ClientSettings(deadline_ms=args.deadline_ms)) as client:
         client.wait_ready(args.model, timeout_s=10.0)
         result = replay(

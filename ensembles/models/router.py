@@ -56,11 +56,11 @@ from ensembles.models.in_process import InProcessEngines
 from setsuna.contract import (
     ARM,
     CONFIDENCE,
+    DECIDED_BY,
     EXPERIMENT_VERSION,
     INSTANCE,
     KEY,
     MODEL,
-    POLICY,
     SIGNAL,
 )
 from setsuna.errors import InputError, SetsunaError
@@ -368,7 +368,7 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
             else:
                 code, conf = c.reshape(-1, 1), f.reshape(-1, 1)
             outputs.update(
-                {SIGNAL: code, CONFIDENCE: conf, POLICY: common.constant(self.label, len(x))}
+                {SIGNAL: code, CONFIDENCE: conf, DECIDED_BY: common.constant(self.label, len(x))}
             )
         if b.todo_keys:  # answers only: after the arms and the signal accepted them
             self._to_cache(b)

@@ -2,7 +2,7 @@
 
 Stateless and deterministic, so it may sit behind Triton's response cache.
 Thresholds come from ``thresholds.json`` in the version folder (``buy_at``,
-``sell_at``): a new threshold is a new version, and ``policy`` names the
+``sell_at``): a new threshold is a new version, and ``decided_by`` names the
 ``signal:version`` that decided every row. A probability outside [0, 1] is
 refused (INVALID_ARG) for its own request only.
 """
@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from ensembles import signal
 from ensembles.models import common
-from setsuna.contract import CONFIDENCE, POLICY, SIGNAL
+from setsuna.contract import CONFIDENCE, DECIDED_BY, SIGNAL
 from setsuna.errors import SetsunaError
 from setsuna.schema import OUTPUT_NAME
 
@@ -36,10 +36,10 @@ class TritonPythonModel:
             code, conf = signal.decide(p, self.thresholds)
         except SetsunaError:  # rare: find which requests hold the bad rows
             return [self._one(x) for x in ps]
-        policy = common.constant(self.label, len(p))
+        decided_by = common.constant(self.label, len(p))
         out = []
         for sl in common.split(len(p), [len(x) for x in ps]):
-            out.append(self._response(code[sl], conf[sl], policy[sl]))
+            out.append(self._response(code[sl], conf[sl], decided_by[sl]))
         return out
 
     def _one(self, p: Any) -> Any:
@@ -50,11 +50,11 @@ class TritonPythonModel:
         return self._response(code, conf, common.constant(self.label, len(p)))
 
     @staticmethod
-    def _response(code: Any, conf: Any, policy: Any) -> Any:
+    def _response(code: Any, conf: Any, decided_by: Any) -> Any:
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(SIGNAL, code.reshape(-1, 1)),
                 pb_utils.Tensor(CONFIDENCE, conf.reshape(-1, 1)),
-                pb_utils.Tensor(POLICY, policy),
+                pb_utils.Tensor(DECIDED_BY, decided_by),
             ]
         )

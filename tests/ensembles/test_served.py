@@ -349,7 +349,7 @@ def test_decision_equals_signal_of_router(served: Served) -> None:
     np.testing.assert_allclose(r.as_numpy("confidence").reshape(-1), conf, atol=1e-7)
     np.testing.assert_array_equal(r.as_numpy("score"), routed["score"])
     assert [m.decode() for m in r.as_numpy("model").reshape(-1)] == routed["model"].tolist()
-    assert {p.decode() for p in r.as_numpy("policy").reshape(-1)} == {"signal:1"}
+    assert {p.decode() for p in r.as_numpy("decided_by").reshape(-1)} == {"signal:1"}
     assert len(set(code.tolist())) >= 2  # the rows really exercise more than one zone
 
 
@@ -396,7 +396,7 @@ def _signal(s: Served, model: str, p: float) -> tuple[int, str]:
     inp.set_data_from_numpy(np.array([[p]], dtype=np.float32))
     with s.client() as c:
         r = c.infer(model, [inp])
-    return int(r.as_numpy("signal")[0, 0]), r.as_numpy("policy")[0, 0].decode()
+    return int(r.as_numpy("signal")[0, 0]), r.as_numpy("decided_by")[0, 0].decode()
 
 
 def test_cache_never_serves_an_answer_of_an_older_version(served: Served) -> None:
@@ -535,7 +535,7 @@ def test_decide_in_one_hop_equals_the_decision_ensemble(served: Served) -> None:
     for name in ("signal", "score", "arm", "model", "experiment_version"):
         np.testing.assert_array_equal(one.as_numpy(name), ens.as_numpy(name), err_msg=name)
     np.testing.assert_allclose(one.as_numpy("confidence"), ens.as_numpy("confidence"), atol=1e-7)
-    assert {p.decode() for p in one.as_numpy("policy").reshape(-1)} == {"decide:1"}
+    assert {p.decode() for p in one.as_numpy("decided_by").reshape(-1)} == {"decide:1"}
     assert only.as_numpy("model") is None  # only what was asked for
     np.testing.assert_array_equal(only.as_numpy("signal"), ens.as_numpy("signal"))
 

@@ -140,7 +140,7 @@ def _infer(
             model, inputs, parameters=params or None, timeout=PATIENT_US, client_timeout=120
         )
     names = ["score", "arm", "model", "experiment_version"]
-    names += ["signal", "confidence", "policy"] if model != "router" else []
+    names += ["signal", "confidence", "decided_by"] if model != "router" else []
     return {n: r.as_numpy(n) for n in names}
 
 

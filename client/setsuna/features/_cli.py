@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--spec", type=Path, help="feature spec JSON (default: the default set)")
     parser.add_argument("--session", default="FX24", help="session for time_in_session")
     parser.add_argument(
-        "--policy",
+        "--on-bad-rows",
         choices=("raise", "drop"),
         default="raise",
         help="bad or out-of-order rows: refuse the file (default) or drop and count them",
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     quotes = {"bid", "ask"} <= {str(c) for c in frame.columns}
     if args.spec is None and quotes:
         spec = default_spec(session=args.session, quotes=True)
-    table, drops = features_frame(frame, spec, policy=args.policy)
+    table, drops = features_frame(frame, spec, on_bad_rows=args.on_bad_rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(args.out, index=False)
     spec_path = args.out.with_suffix(".spec.json")

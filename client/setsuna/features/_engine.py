@@ -41,8 +41,8 @@ from setsuna.features._kernel import (
 )
 from setsuna.features._layout import I_LAST_TS, NO_TIMESTAMP, compile_layout
 from setsuna.features._spec import FeatureSpec
-from setsuna.market import BAR_DTYPE, BarRecords, DropCounts, Policy
-from setsuna.market._policy import check_policy
+from setsuna.market import BAR_DTYPE, BarRecords, DropCounts, OnBadRows
+from setsuna.market._bad_rows import check_on_bad_rows
 
 SNAPSHOT_MAGIC = b"SETSUNA-FEAT"
 SNAPSHOT_VERSION = 1
@@ -108,7 +108,7 @@ class FeatureEngine:
         spec: FeatureSpec,
         symbols: Sequence[str],
         *,
-        policy: Policy = "raise",
+        on_bad_rows: OnBadRows = "raise",
         max_batch: int = 1024,
     ) -> None:
         if isinstance(symbols, str):
@@ -121,14 +121,14 @@ class FeatureEngine:
         if max_batch <= 0:
             raise ConfigError(f"max_batch must be positive, got {max_batch}")
         self.spec = spec
-        self.policy = check_policy(policy)
+        self.on_bad_rows = check_on_bad_rows(on_bad_rows)
         self.drops = DropCounts()
         self._ids = {s: i for i, s in enumerate(self.symbols)}
         layout = compile_layout(spec)
         self._blocks = layout.blocks
         self._fparams = layout.fparams
         self._sessions = layout.sessions
-        self._drop = self.policy == "drop"
+        self._drop = self.on_bad_rows == "drop"
         self._state_f = np.zeros((len(self.symbols), layout.width), dtype=np.float64)
         self._state_i = np.zeros((len(self.symbols), 2), dtype=np.int64)
         self._state_i[:, I_LAST_TS] = NO_TIMESTAMP
@@ -260,14 +260,14 @@ class FeatureEngine:
             if status[first] == BAD_VALUE:
                 raise BadValueError(
                     f"event {first} ({symbol}): NaN, infinite, non-positive price, negative "
-                    "volume/size or high < low; clean it, or use policy='drop'; nothing in "
+                    "volume/size or high < low; clean it, or use on_bad_rows='drop'; nothing in "
                     "this batch was applied"
                 )
             what = "goes backwards" if status[first] == OUT_OF_ORDER else "repeats"
             raise OutOfOrderError(
                 f"event {first} ({symbol}): timestamp {int(ev['timestamp_ns'])} ns {what} "
                 "for this symbol; setsuna never reorders: send each symbol's bars in time "
-                "order, or use policy='drop'; nothing in this batch was applied"
+                "order, or use on_bad_rows='drop'; nothing in this batch was applied"
             )
         self.drops.bad_value += int(codes[BAD_VALUE])
         self.drops.out_of_order += int(codes[OUT_OF_ORDER])
@@ -303,7 +303,7 @@ class FeatureEngine:
             {
                 "spec": self.spec.to_json(),
                 "symbols": list(self.symbols),
-                "policy": self.policy,
+                "on_bad_rows": self.on_bad_rows,
                 "width": int(self._state_f.shape[1]),
                 "drops": self.drops.as_dict(),
             },
@@ -340,7 +340,8 @@ class FeatureEngine:
             engine = cls(
                 FeatureSpec.from_json(header["spec"]),
                 header["symbols"],
-                policy=header["policy"],
+                # saved before the rename, the key was "policy"
+                on_bad_rows=header.get("on_bad_rows", header.get("policy", "raise")),
             )
             width = int(header["width"])
             drops = {k: int(v) for k, v in header["drops"].items()}

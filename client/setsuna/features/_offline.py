@@ -13,7 +13,7 @@ import numpy as np
 
 from setsuna.features._engine import FeatureEngine, FeatureRows
 from setsuna.features._spec import FeatureSpec
-from setsuna.market import BarRecords, DropCounts, Policy, frame_to_records
+from setsuna.market import BarRecords, DropCounts, OnBadRows, frame_to_records
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,7 +24,7 @@ def compute_features(
     symbols: tuple[str, ...],
     spec: FeatureSpec,
     *,
-    policy: Policy = "raise",
+    on_bad_rows: OnBadRows = "raise",
     dtype: type[np.floating[Any]] = np.float32,
 ) -> tuple[FeatureRows, DropCounts]:
     """Features for every bar of ``records`` (replay order), with the drops counted.
@@ -32,7 +32,7 @@ def compute_features(
     ``dtype=np.float64`` keeps the kernel's full precision (for reference
     checks); float32, the default, is exactly that rounded, as served.
     """
-    engine = FeatureEngine(spec, symbols, policy=policy, max_batch=1)
+    engine = FeatureEngine(spec, symbols, on_bad_rows=on_bad_rows, max_batch=1)
     values = np.empty((len(records), len(spec)), dtype=dtype)
     ready = np.empty((len(records), len(spec)), dtype=np.bool_)
     engine.update(records, out=values, ready=ready)
@@ -40,7 +40,7 @@ def compute_features(
 
 
 def features_frame(
-    frame: pd.DataFrame, spec: FeatureSpec, *, policy: Policy = "raise"
+    frame: pd.DataFrame, spec: FeatureSpec, *, on_bad_rows: OnBadRows = "raise"
 ) -> tuple[pd.DataFrame, DropCounts]:
     """A bar frame (timestamp, symbol, OHLCV) to a frame of features.
 
@@ -50,8 +50,8 @@ def features_frame(
     """
     import pandas as pd
 
-    records, symbols, drops = frame_to_records(frame, policy=policy)
-    rows, engine_drops = compute_features(records, symbols, spec, policy=policy)
+    records, symbols, drops = frame_to_records(frame, on_bad_rows=on_bad_rows)
+    rows, engine_drops = compute_features(records, symbols, spec, on_bad_rows=on_bad_rows)
     out = pd.DataFrame(
         {
             "timestamp": pd.to_datetime(records["timestamp_ns"], utc=True),

@@ -6,6 +6,7 @@ Real data sets that packages ship live in :mod:`setsuna.market.datasets`.
 """
 
 from setsuna.market import datasets
+from setsuna.market._bad_rows import DropCounts, OnBadRows
 from setsuna.market._bars import BarBuilder
 from setsuna.market._feed import (
     OPTIONAL_COLUMNS,
@@ -15,7 +16,6 @@ from setsuna.market._feed import (
     frame_to_records,
     read_frame,
 )
-from setsuna.market._policy import DropCounts, Policy
 from setsuna.market._records import BAR_DTYPE, Bar, BarRecords, Tick, bars_to_records, empty_records
 from setsuna.market._sessions import FX24, SESSIONS, TSE, TradingSession, get_session
 
@@ -31,7 +31,7 @@ __all__ = [
     "BarRecords",
     "DropCounts",
     "Feed",
-    "Policy",
+    "OnBadRows",
     "ReplayFeed",
     "Tick",
     "TradingSession",

@@ -21,7 +21,7 @@ from setsuna.errors import (
     OutOfOrderError,
     UnknownSymbolError,
 )
-from setsuna.market._policy import DropCounts, Policy, check_policy
+from setsuna.market._bad_rows import DropCounts, OnBadRows, check_on_bad_rows
 from setsuna.market._records import Bar, Tick
 from setsuna.market._sessions import FX24, TradingSession
 
@@ -105,7 +105,7 @@ class BarBuilder:
     """Build time bars (``bar_ns``) or tick-count bars (``ticks_per_bar``) for many symbols.
 
     ``symbols``, when given, is the closed set of accepted symbols (anything
-    else raises :class:`UnknownSymbolError`). ``policy`` decides what a bad
+    else raises :class:`UnknownSymbolError`). ``on_bad_rows`` decides what a bad
     value, a timestamp going backwards or an exact duplicate tick does:
     raise, or be dropped and counted in :attr:`drops`. Ticks outside the
     session are always dropped and counted.
@@ -118,7 +118,7 @@ class BarBuilder:
         ticks_per_bar: int | None = None,
         session: TradingSession = FX24,
         symbols: Iterable[str] | None = None,
-        policy: Policy = "raise",
+        on_bad_rows: OnBadRows = "raise",
     ) -> None:
         if (bar_ns is None) == (ticks_per_bar is None):
             raise ConfigError("give exactly one of bar_ns (time bars) or ticks_per_bar")
@@ -129,7 +129,7 @@ class BarBuilder:
         self.bar_ns = bar_ns
         self.ticks_per_bar = ticks_per_bar
         self.session = session
-        self.policy = check_policy(policy)
+        self.on_bad_rows = check_on_bad_rows(on_bad_rows)
         self.symbols = frozenset(symbols) if symbols is not None else None
         self.drops = DropCounts()
         self._forming: dict[str, _Forming] = {}
@@ -193,7 +193,7 @@ class BarBuilder:
         if problem is None:
             return True
         reason, error = problem
-        if self.policy == "raise":
+        if self.on_bad_rows == "raise":
             raise error
         setattr(self.drops, reason, getattr(self.drops, reason) + 1)
         return False
@@ -210,11 +210,11 @@ class BarBuilder:
             return "out_of_order", OutOfOrderError(
                 f"{tick.symbol}: tick at {tick.timestamp_ns} ns is before the last accepted "
                 f"one at {last.timestamp_ns} ns; setsuna never reorders: sort the source "
-                "or use policy='drop'"
+                "or use on_bad_rows='drop'"
             )
         if tick == last:
             return "duplicate", OutOfOrderError(
                 f"{tick.symbol}: exact duplicate tick at {tick.timestamp_ns} ns; "
-                "de-duplicate the source or use policy='drop'"
+                "de-duplicate the source or use on_bad_rows='drop'"
             )
         return None

@@ -3,7 +3,7 @@
 A file or frame is checked once, as arrays: the required columns exist,
 prices are finite and positive, and each symbol's timestamps strictly
 increase in file order. A row breaking that is refused or dropped and
-counted (``policy``); it is never moved. Rows of different symbols are then
+counted (``on_bad_rows``); it is never moved. Rows of different symbols are then
 interleaved by a stable sort on the timestamp, which keeps each symbol's own
 order, so the replay is what a live feed would have delivered.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from setsuna.errors import BadValueError, ConfigError, DataFormatError, OutOfOrderError
-from setsuna.market._policy import DropCounts, Policy, check_policy
+from setsuna.market._bad_rows import DropCounts, OnBadRows, check_on_bad_rows
 from setsuna.market._records import BarRecords, empty_records
 
 if TYPE_CHECKING:
@@ -125,10 +125,10 @@ def _order_problems(
 
 
 def frame_to_records(
-    frame: pd.DataFrame, *, policy: Policy = "raise"
+    frame: pd.DataFrame, *, on_bad_rows: OnBadRows = "raise"
 ) -> tuple[BarRecords, tuple[str, ...], DropCounts]:
     """Validate a bar frame and return (records in replay order, symbols, drops)."""
-    policy = check_policy(policy)
+    on_bad_rows = check_on_bad_rows(on_bad_rows)
     columns = {str(c) for c in frame.columns}
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
@@ -156,22 +156,22 @@ def frame_to_records(
     bad = _bad_rows(rec)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        if policy == "raise":
+        if on_bad_rows == "raise":
             raise BadValueError(
                 f"row {row} ({ordered[rec['symbol_id'][row]]}): NaN, negative or "
-                "inconsistent price/volume; clean the file or load with policy='drop'"
+                "inconsistent price/volume; clean the file or load with on_bad_rows='drop'"
             )
         drops.bad_value += int(bad.sum())
         rec = rec[~bad]
     late, dup = _order_problems(rec["symbol_id"], rec["timestamp_ns"])
     if (late | dup).any():
         row = int(np.flatnonzero(late | dup)[0])
-        if policy == "raise":
+        if on_bad_rows == "raise":
             what = "goes backwards" if late[row] else "repeats"
             raise OutOfOrderError(
                 f"{ordered[rec['symbol_id'][row]]}: timestamp {rec['timestamp_ns'][row]} ns "
                 f"{what} (row {row} after filtering); setsuna never reorders a symbol's "
-                "rows: sort the file or load with policy='drop'"
+                "rows: sort the file or load with on_bad_rows='drop'"
             )
         drops.out_of_order += int(late.sum())
         drops.duplicate += int(dup.sum())
@@ -189,12 +189,12 @@ class ReplayFeed:
         self.drops = drops
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, *, policy: Policy = "raise") -> ReplayFeed:
-        return cls(*frame_to_records(frame, policy=policy))
+    def from_frame(cls, frame: pd.DataFrame, *, on_bad_rows: OnBadRows = "raise") -> ReplayFeed:
+        return cls(*frame_to_records(frame, on_bad_rows=on_bad_rows))
 
     @classmethod
-    def from_file(cls, path: str | Path, *, policy: Policy = "raise") -> ReplayFeed:
-        return cls.from_frame(read_frame(path), policy=policy)
+    def from_file(cls, path: str | Path, *, on_bad_rows: OnBadRows = "raise") -> ReplayFeed:
+        return cls.from_frame(read_frame(path), on_bad_rows=on_bad_rows)
 
     @property
     def symbols(self) -> tuple[str, ...]:

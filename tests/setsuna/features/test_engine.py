@@ -32,9 +32,9 @@ from .conftest import bars
 SPEC = default_spec()
 
 
-def engine_after(n: int, *, policy: str = "raise") -> tuple[FeatureEngine, BarRecords]:
+def engine_after(n: int, *, on_bad_rows: str = "raise") -> tuple[FeatureEngine, BarRecords]:
     rec = bars(100 + np.arange(n + 3, dtype=np.float64))
-    engine = FeatureEngine(SPEC, ["A", "B"], policy=policy)  # type: ignore[arg-type]
+    engine = FeatureEngine(SPEC, ["A", "B"], on_bad_rows=on_bad_rows)  # type: ignore[arg-type]
     engine.update(rec[:n])
     return engine, rec[n:]
 
@@ -58,11 +58,11 @@ def test_bad_events_are_refused_atomically_or_dropped_and_counted(
     batch = nxt[:2].copy()
     batch[1][field] = batch[0]["timestamp_ns"] if value is None else value
     before = engine.snapshot()
-    with pytest.raises(error, match=r"policy='drop'.*nothing in this batch was applied"):
+    with pytest.raises(error, match=r"on_bad_rows='drop'.*nothing in this batch was applied"):
         engine.update(batch)
     assert engine.snapshot() == before  # the good first event was not applied either
 
-    lenient, nxt = engine_after(40, policy="drop")
+    lenient, nxt = engine_after(40, on_bad_rows="drop")
     batch = nxt[:2].copy()
     batch[1][field] = batch[0]["timestamp_ns"] if value is None else value
     rows = lenient.update(batch)
@@ -72,7 +72,7 @@ def test_bad_events_are_refused_atomically_or_dropped_and_counted(
 
 
 def test_unknown_symbols_are_refused_even_when_dropping() -> None:
-    engine, nxt = engine_after(5, policy="drop")
+    engine, nxt = engine_after(5, on_bad_rows="drop")
     batch = nxt[:1].copy()
     batch["symbol_id"] = 2
     with pytest.raises(UnknownSymbolError, match="symbol_ids"):

@@ -27,7 +27,7 @@ def test_many_symbols_replay_in_time_order_each_in_its_own_order() -> None:
     df = frame([(3 * H, "B", 30), (1 * H, "A", 10), (2 * H, "A", 11), (1 * H, "B", 20)])
     with pytest.raises(OutOfOrderError, match="B"):  # B goes 3h -> 1h in file order
         ReplayFeed.from_frame(df)
-    feed = ReplayFeed.from_frame(df, policy="drop")
+    feed = ReplayFeed.from_frame(df, on_bad_rows="drop")
     assert feed.drops.out_of_order == 1
     rec = feed.records
     assert rec.dtype == BAR_DTYPE and feed.symbols == ("B", "A")
@@ -45,7 +45,7 @@ def test_duplicate_bar_is_refused_or_counted() -> None:
     df = frame([(H, "A", 10), (H, "A", 10)])
     with pytest.raises(OutOfOrderError, match="repeats"):
         frame_to_records(df)
-    _, _, drops = frame_to_records(df, policy="drop")
+    _, _, drops = frame_to_records(df, on_bad_rows="drop")
     assert drops.duplicate == 1
 
 
@@ -53,9 +53,9 @@ def test_duplicate_bar_is_refused_or_counted() -> None:
 def test_bad_rows_refused_or_counted(column: str, value: float) -> None:
     df = frame([(H, "A", 10), (2 * H, "A", 20)])
     df.loc[1, column] = value
-    with pytest.raises(BadValueError, match="policy='drop'"):
+    with pytest.raises(BadValueError, match="on_bad_rows='drop'"):
         frame_to_records(df)
-    rec, _, drops = frame_to_records(df, policy="drop")
+    rec, _, drops = frame_to_records(df, on_bad_rows="drop")
     assert drops.bad_value == 1 and len(rec) == 1
 
 

@@ -1,4 +1,4 @@
-"""Sessions as data, ticks to bars, and the bad-tick policy."""
+"""Sessions as data, ticks to bars, and the bad-tick on_bad_rows."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_time_bars_align_to_session_and_never_span_lunch() -> None:
 
 
 def test_ticks_outside_session_are_dropped_and_counted() -> None:
-    builder = BarBuilder(bar_ns=MIN, session=TSE, policy="raise")
+    builder = BarBuilder(bar_ns=MIN, session=TSE, on_bad_rows="raise")
     assert builder.add(tick(tokyo_ns(12, 0), 100.0)) == []
     assert builder.drops.outside_session == 1
     assert builder.forming("7203") is None
@@ -100,9 +100,9 @@ def test_bad_ticks_raise_or_are_counted(second: Tick, reason: str) -> None:
     strict = BarBuilder(bar_ns=MIN)
     strict.add(first)
     error = BadValueError if reason == "bad_value" else OutOfOrderError
-    with pytest.raises(error, match=r"policy='drop'|drop or repair"):
+    with pytest.raises(error, match=r"on_bad_rows='drop'|drop or repair"):
         strict.add(second)
-    lenient = BarBuilder(bar_ns=MIN, policy="drop")
+    lenient = BarBuilder(bar_ns=MIN, on_bad_rows="drop")
     lenient.add(first)
     assert lenient.add(second) == []
     assert lenient.drops.as_dict()[reason] == 1 and lenient.drops.total == 1
@@ -127,5 +127,5 @@ def test_unknown_symbol_is_refused() -> None:
 def test_builder_settings_validated_once() -> None:
     with pytest.raises(ConfigError, match="exactly one"):
         BarBuilder()
-    with pytest.raises(ConfigError, match="policy"):
-        BarBuilder(bar_ns=MIN, policy="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="on_bad_rows"):
+        BarBuilder(bar_ns=MIN, on_bad_rows="ignore")  # type: ignore[arg-type]

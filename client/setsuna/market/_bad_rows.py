@@ -13,20 +13,20 @@ from setsuna.errors import ConfigError
 
 #: ``"raise"``: refuse the event with a typed error (the default: data bugs
 #: surface). ``"drop"``: skip it and count it under its reason.
-Policy = Literal["raise", "drop"]
+OnBadRows = Literal["raise", "drop"]
 
 
-def check_policy(policy: str) -> Policy:
-    if policy == "raise":
+def check_on_bad_rows(on_bad_rows: str) -> OnBadRows:
+    if on_bad_rows == "raise":
         return "raise"
-    if policy == "drop":
+    if on_bad_rows == "drop":
         return "drop"
-    raise ConfigError(f"policy must be 'raise' or 'drop', got {policy!r}")
+    raise ConfigError(f"on_bad_rows must be 'raise' or 'drop', got {on_bad_rows!r}")
 
 
 @dataclass(slots=True)
 class DropCounts:
-    """Events skipped, by reason. ``outside_session`` is counted under either policy."""
+    """Events skipped, by reason. ``outside_session`` is counted under either on_bad_rows."""
 
     bad_value: int = 0
     out_of_order: int = 0
