@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import triton_python_backend_utils as pb_utils
 
 from ensembles import cycles, members
 from ensembles.models import common
@@ -90,11 +89,9 @@ class TritonPythonModel(WatchedFileModel[members.Members]):
             return responses
         y = spec.combine(scores)
         label = spec.label.encode()
+        models = {MODELS_OUTPUT: lambda n: _column(label, n)}
         for i, sl in zip(kept, common.split(len(x), [len(v) for v in xs]), strict=True):
-            outputs = [pb_utils.Tensor(OUTPUT_NAME, y[sl])]
-            if MODELS_OUTPUT in requests[i].requested_output_names():
-                outputs.append(pb_utils.Tensor(MODELS_OUTPUT, _column(label, sl.stop - sl.start)))
-            responses[i] = pb_utils.InferenceResponse(output_tensors=outputs)
+            responses[i] = common.answer(requests[i], {OUTPUT_NAME: y}, sl, by_name=models)
         return responses
 
     def _scores(

@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,30 @@ def refusal(model: str, exc: SetsunaError) -> Any:
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(f"{model}: {exc}", pb_utils.TritonError.INVALID_ARG)
     )
+
+
+def answer(
+    request: Any,
+    columns: Mapping[str, Any],
+    rows: slice,
+    *,
+    by_name: Mapping[str, Callable[[int], Any]] | None = None,
+) -> Any:
+    """One request's response: its ``rows`` of each column it asked for.
+
+    A request that names no output gets every column; ``by_name`` columns are
+    built only for a request that names them (they cost work, or say more than
+    the answer: which instance answered). Each output tensor costs a
+    shared-memory allocation and copy in the Python backend (a string one,
+    serialisation too), so nothing unasked is built.
+    """
+    asked = request.requested_output_names()
+    wanted = asked or columns.keys()
+    tensors = [pb_utils.Tensor(k, columns[k][rows]) for k in wanted if k in columns]
+    for name, build in (by_name or {}).items():
+        if name in asked:
+            tensors.append(pb_utils.Tensor(name, build(rows.stop - rows.start)))
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def failure(message: str) -> Any:

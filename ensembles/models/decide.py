@@ -27,7 +27,7 @@ from setsuna.errors import ConfigError
 class TritonPythonModel(RouterBase):
     def initialize(self, args: dict[str, Any]) -> None:
         super().initialize(args)
-        if self.arms is None:
+        if self.engines is None:
             self.finalize()
             raise ConfigError(f"{self.name}: decide runs its arms in process: set in_process")
 

@@ -107,7 +107,7 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         self.keys = keys.KeyCache(self.limits.max_key_cache_bytes)
         # in_process: arms run in this process, loaded from their verified version
         # folders in the same repository: one hop instead of a BLS round trip each.
-        self.arms: InProcessEngines | None = (
+        self.engines: InProcessEngines | None = (
             InProcessEngines(self.repo) if self.flag("in_process") else None
         )
 
@@ -164,6 +164,8 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         self._metrics: dict[tuple[str, ...], Any] = {}
         self._row_counts = common.Counters(self._rows, {"router": self.name})
         self._shadow_counts = common.Counters(self._shadow, {"router": self.name})
+        # which instance answered: only for a request that names the output
+        self._by_name = {INSTANCE_OUTPUT: lambda n: common.constant(self.instance, n)}
         self.took_effect()
         self.start_watching()
 
@@ -201,8 +203,8 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         """An experiment file that can take effect here: valid, calling engines only, loadable."""
         exp = experiment.loads(data, origin)
         cycles.check(self.repo, self.name, experiment.callees(exp), origin)
-        if self.arms is not None:
-            self.arms.prepare(exp.targets)
+        if self.engines is not None:
+            self.engines.prepare(exp.targets)
         return exp
 
     def _metric(self, family: Any, **labels: str) -> Any:
@@ -245,7 +247,7 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         peak.set(now[4])
         self._cache_published = now
 
-    def _arms(
+    def _assign(
         self, exp: experiment.Experiment, request: Any, tensors: dict[str, Any], rows: int
     ) -> I16:
         params = common.request_parameters(request)
@@ -274,12 +276,12 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         self.poll()
         exp = self.watch.current
         b = Batch(exp, [None] * len(requests))
-        xs, arms = [], []
+        xs, assigned_arms = [], []
         for i, r in enumerate(requests):
             try:
                 tensors = common.inputs(r)
                 x = common.features(r, allow_nan=self.allow_nan, tensors=tensors)
-                assigned = self._arms(exp, r, tensors, len(x))
+                assigned = self._assign(exp, r, tensors, len(x))
             except (SetsunaError, ValueError) as exc:
                 # No local may keep `exc`: its traceback holds this frame, and the cycle
                 # would keep the refused request's tensors alive until a GC pass.
@@ -289,12 +291,12 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
                 continue
             b.kept.append(i)
             xs.append(x)
-            arms.append(assigned)
+            assigned_arms.append(assigned)
         if not b.kept:
             return b
         b.sizes = [len(v) for v in xs]
         b.x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        b.arm = arms[0] if len(arms) == 1 else np.concatenate(arms)
+        b.arm = assigned_arms[0] if len(assigned_arms) == 1 else np.concatenate(assigned_arms)
         lo, hi = int(b.arm.min()), int(b.arm.max())
         b.used = [lo] if lo == hi else [int(a) for a in np.unique(b.arm)]
         b.rows_of = {a: np.flatnonzero(b.arm == a) for a in b.used}
@@ -329,10 +331,10 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
 
     def score_in_process(self, b: Batch) -> None:
         """Run each arm's rows through its in-process engine."""
-        assert self.arms is not None
+        assert self.engines is not None
         for a, rows in b.todo.items():
             try:
-                b.score[rows] = self.arms.predict(b.exp.targets[a], b.part(a))
+                b.score[rows] = self.engines.predict(b.exp.targets[a], b.part(a))
             except Exception as exc:  # an engine failure fails its rows, visibly
                 label = b.exp.targets[a].label
                 b.failed[a] = f"{self.name}: arm {b.exp.arms[a]!r}: {label}: {exc}"
@@ -377,14 +379,7 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
                 first = int(np.flatnonzero(failed[sl])[0])
                 b.responses[i] = common.failure(b.failed[int(arm[sl][first])])
                 continue
-            # Only what the caller asked for: each output tensor costs a shared-memory
-            # allocation and copy in the Python backend (a string one, serialisation too).
-            wanted = requests[i].requested_output_names() or outputs
-            tensors = [pb_utils.Tensor(k, outputs[k][sl]) for k in wanted if k in outputs]
-            if INSTANCE_OUTPUT in wanted:  # by name only: which instance answered
-                n = sl.stop - sl.start
-                tensors.append(pb_utils.Tensor(INSTANCE_OUTPUT, common.constant(self.instance, n)))
-            b.responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            b.responses[i] = common.answer(requests[i], outputs, sl, by_name=self._by_name)
         return b.responses
 
     def _record_shadow(
@@ -437,7 +432,7 @@ class TritonPythonModel(RouterBase):
         shadow = None
         if exp.shadow is not None:  # in flight while the arms run
             shadow = asyncio.ensure_future(self.calls.call(exp.shadow, x, b.timeout))
-        if self.arms is not None:
+        if self.engines is not None:
             self.score_in_process(b)
         elif b.todo:  # one call per arm for its rows the cache did not answer
             answers = await asyncio.gather(

@@ -206,14 +206,9 @@ class TritonPythonModel(WatchedFileModel[selection.SelectorSpec]):
             self._publish()
         if failed:
             return responses
-        label = common.constant(target.label, len(x))
+        columns = {OUTPUT_NAME: y, MODEL: common.constant(target.label, len(x))}
         for i, sl in zip(kept, common.split(len(x), [len(v) for v in xs]), strict=True):
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor(OUTPUT_NAME, y[sl]),
-                    pb_utils.Tensor(MODEL, label[sl]),
-                ]
-            )
+            responses[i] = common.answer(requests[i], columns, sl)
         return responses
 
     def finalize(self) -> None:

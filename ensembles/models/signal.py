@@ -35,26 +35,23 @@ class TritonPythonModel:
         try:
             code, conf = signal.decide(p, self.thresholds)
         except SetsunaError:  # rare: find which requests hold the bad rows
-            return [self._one(x) for x in ps]
-        decided_by = common.constant(self.label, len(p))
-        out = []
-        for sl in common.split(len(p), [len(x) for x in ps]):
-            out.append(self._response(code[sl], conf[sl], decided_by[sl]))
-        return out
+            return [self._one(r, x) for r, x in zip(requests, ps, strict=True)]
+        columns = {
+            SIGNAL: code.reshape(-1, 1),
+            CONFIDENCE: conf.reshape(-1, 1),
+            DECIDED_BY: common.constant(self.label, len(p)),
+        }
+        spans = common.split(len(p), [len(x) for x in ps])
+        return [common.answer(r, columns, sl) for r, sl in zip(requests, spans, strict=True)]
 
-    def _one(self, p: Any) -> Any:
+    def _one(self, request: Any, p: Any) -> Any:
         try:
             code, conf = signal.decide(p, self.thresholds)
         except SetsunaError as exc:
             return common.refusal(self.name, exc)
-        return self._response(code, conf, common.constant(self.label, len(p)))
-
-    @staticmethod
-    def _response(code: Any, conf: Any, decided_by: Any) -> Any:
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor(SIGNAL, code.reshape(-1, 1)),
-                pb_utils.Tensor(CONFIDENCE, conf.reshape(-1, 1)),
-                pb_utils.Tensor(DECIDED_BY, decided_by),
-            ]
-        )
+        columns = {
+            SIGNAL: code.reshape(-1, 1),
+            CONFIDENCE: conf.reshape(-1, 1),
+            DECIDED_BY: common.constant(self.label, len(p)),
+        }
+        return common.answer(request, columns, slice(0, len(p)))
