@@ -1,4 +1,4 @@
-"""Where setsuna keeps its per-user cache: one convention for every package.
+"""Where setsuna keeps its per-user files (cache, PID files): one convention for every package.
 
 The build caches compiled forests there and the local server caches its
 backend directory and argv shim there. Both used to pick their own place
@@ -28,3 +28,10 @@ def cache_root() -> Path:
         return Path(explicit)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "setsuna"
+
+
+def runtime_root() -> Path:
+    """Where live processes keep their PID files: ``$XDG_RUNTIME_DIR/setsuna``, else ``run/``
+    under :func:`cache_root` (per user, never shared)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(xdg) / "setsuna" if xdg else cache_root() / "run"

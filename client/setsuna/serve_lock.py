@@ -4,8 +4,8 @@
 ended anyone else's Triton serving a folder of that name (another user's,
 another checkout's). Now ``python -m setsuna.server`` holds an exclusive
 ``flock`` on a PID file named after the repository's resolved path, in a
-private directory (``$XDG_RUNTIME_DIR/setsuna`` or ``~/.cache/setsuna/run``,
-0700), for as long as it supervises:
+private directory (:func:`setsuna.paths.runtime_root`: ``$XDG_RUNTIME_DIR/setsuna``,
+else ``run/`` in the cache root; 0700), for as long as it supervises:
 
 - a second server on the same repository is refused, naming the first's PID;
 - ``python -m setsuna.server --stop`` (``make stop``) reads the PID only while
@@ -29,19 +29,11 @@ import signal
 import time
 from pathlib import Path
 
+from setsuna import paths
 from setsuna.errors import ServerError
 
 #: What the command line of the process holding the lock must contain.
 SERVER_MODULE = "setsuna.server"
-
-
-def runtime_root() -> Path:
-    """Where the PID files live: per user, never shared (``$XDG_RUNTIME_DIR`` first)."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg) / "setsuna"
-    cache = os.environ.get("XDG_CACHE_HOME")
-    return (Path(cache) if cache else Path.home() / ".cache") / "setsuna" / "run"
 
 
 def lock_path(repository: Path, root: Path | None = None) -> Path:
@@ -49,7 +41,7 @@ def lock_path(repository: Path, root: Path | None = None) -> Path:
     from setsuna.server import private_directory  # the cache's ownership checks
 
     key = hashlib.sha256(str(repository.resolve()).encode()).hexdigest()[:16]
-    return private_directory(runtime_root() if root is None else root) / f"serve-{key}.pid"
+    return private_directory(paths.runtime_root() if root is None else root) / f"serve-{key}.pid"
 
 
 def _open(path: Path, create: bool) -> int:

@@ -500,7 +500,7 @@ def private_directory(path: Path) -> Path:
         raise ServerError(
             f"{path} is owned by uid {st.st_uid} or writable by others (mode "
             f"{st.st_mode & 0o777:o}): code the server runs is cached there; remove it, or "
-            "set XDG_CACHE_HOME to a directory only you can write"
+            "set SETSUNA_CACHE_DIR (or XDG_CACHE_HOME) to a directory only you can write"
         )
     return path
 

@@ -48,3 +48,13 @@ def test_the_server_uses_the_same_root(clean_env: pytest.MonkeyPatch, tmp_path: 
     clean_env.setenv(paths.CACHE_ENV, str(tmp_path / "mine"))
     assert server._setsuna_cache() == paths.cache_root()
     assert server._cache_root() == tmp_path / "mine" / "triton-backends"
+
+
+def test_pid_files_live_in_the_runtime_dir_else_in_the_cache_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert paths.runtime_root() == tmp_path / "run" / "setsuna"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("SETSUNA_CACHE_DIR", str(tmp_path / "cache"))
+    assert paths.runtime_root() == tmp_path / "cache" / "run"
