@@ -62,18 +62,23 @@ class TritonPythonModel:
 """
 
 
-def _experiment(*weights: dict[str, float]) -> dict[str, Any]:
-    """The document as the contract writes it (not validated: tests also write bad ones)."""
+def _experiment(
+    *weights: dict[str, float], broken: bool = True, shadow: bool = True
+) -> dict[str, Any]:
+    """The document as the contract writes it (not validated: tests also write bad ones).
+
+    ``broken``: the arm on ``faulty`` (a plain Python model, no engine to load in
+    process); ``shadow``: gamma shadows the arms.
+    """
+    arms = {"control": Target("alpha", 1), "treatment": Target("beta", 1)}
+    if broken:
+        arms["broken"] = Target("faulty", 1)
     return ExperimentDoc(
         "ab",
         "ab-2026",
-        {
-            "control": Target("alpha", 1),
-            "treatment": Target("beta", 1),
-            "broken": Target("faulty", 1),
-        },
+        arms,
         tuple(ExperimentVersion(i + 1, w) for i, w in enumerate(weights)),
-        shadow=Target("gamma", 1),
+        shadow=Target("gamma", 1) if shadow else None,
     ).to_json()
 
 
@@ -172,8 +177,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     rep.write_router(repo, files / "exp.json", N_FEATURES, shadow_log=shadow_log, limits=PATIENT)
     rep.write_signal(repo, {1: THRESHOLDS})
     rep.write_decision(repo, N_FEATURES)
-    in_process = _experiment({"control": 0.5, "treatment": 0.5})
-    in_process["arms"].pop("broken")  # a plain Python model: no engine to load in process
+    in_process = _experiment({"control": 0.5, "treatment": 0.5}, broken=False)
     (files / "exp_decide.json").write_text(json.dumps(in_process))
     rep.write_router(
         repo,
@@ -545,9 +549,7 @@ def test_decide_refuses_to_load_a_tampered_arm(served: Served, tmp_path: Path) -
     repo = tmp_path / "repo"
     shutil.copytree(served.repo / "alpha", repo / "alpha")
     shutil.copytree(served.repo / "beta", repo / "beta")
-    exp = _experiment({"control": 0.5, "treatment": 0.5})
-    exp["arms"].pop("broken")
-    exp.pop("shadow")
+    exp = _experiment({"control": 0.5, "treatment": 0.5}, broken=False, shadow=False)
     (tmp_path / "exp.json").write_text(json.dumps(exp))
     rep.write_router(repo, tmp_path / "exp.json", N_FEATURES, name="decide", in_process=True)
     onnx_file = repo / "beta" / "1" / "model.onnx"

@@ -69,10 +69,13 @@ class TritonPythonModel:
 """
 
 
-def _experiment(*weights: dict[str, float], broken: bool = True, **pins: int) -> dict[str, Any]:
-    """control -> alpha, treatment -> beta (versions from ``pins``), broken -> faulty."""
+def _experiment(
+    *weights: dict[str, float], broken: bool = True, control: str = "alpha", **pins: int
+) -> dict[str, Any]:
+    """control -> alpha (or ``control``), treatment -> beta (versions from ``pins``),
+    broken -> faulty."""
     arms = {
-        "control": Target("alpha", pins.get("alpha", 1)),
+        "control": Target(control, pins.get(control, 1)),
         "treatment": Target("beta", pins.get("beta", 1)),
     }
     if broken:
@@ -309,8 +312,7 @@ def test_a_new_experiment_version_never_serves_an_older_answer(served: Served) -
         _counted(served, "router", h + 1, m + 2)  # computed again under v2: a miss
         np.testing.assert_allclose(v2["score"], _oracle("alpha", x), atol=1e-5)
         # The same version number, the arm now on another model: its answer, never alpha's.
-        moved = _experiment(HALF, {"control": 0.9, "treatment": 0.1})
-        moved["arms"]["control"] = {"model": "beta", "version": 1}
+        moved = _experiment(HALF, {"control": 0.9, "treatment": 0.1}, control="beta")
         _set(served, "router", moved)
         other = _infer(served, "router", x, arm="control")
         assert other["model"].tolist() == [[b"beta:1"]]
