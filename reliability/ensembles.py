@@ -33,7 +33,7 @@ from ensembles.limits import Limits
 from reliability import models, procs
 from reliability.harness import Lab, Outcome, probe, shared
 from reliability.report import Probe, gist
-from setsuna import seal
+from reliability.stuck import Gate, stuck_model
 from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, ExperimentVersion, Target
 from setsuna.server import LocalTriton
 
@@ -49,58 +49,17 @@ MAX_GROWTH_KIB: Final = 24 * 1024
 AB: Final = {"control": "alpha", "treatment": "beta"}
 HALF: Final = {"control": 0.5, "treatment": 0.5}
 
-STUCK_CONFIG: Final = f"""\
-name: "stuck"
-backend: "python"
-max_batch_size: 1024
-input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {N} ] }} ]
-output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-parameters {{ key: "leaf" value {{ string_value: "true" }} }}
-parameters {{ key: "release" value {{ string_value: "RELEASE" }} }}
-parameters {{ key: "started" value {{ string_value: "STARTED" }} }}
-"""
-# Each execute announces itself on `started`, then blocks until one byte arrives on
-# `release` (both FIFOs opened O_RDWR so no open() blocks).
-STUCK_PY: Final = """\
-import functools
-import json
-import os
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.release = os.open(params["release"]["string_value"], os.O_RDWR)
-        self.started = os.open(params["started"]["string_value"], os.O_RDWR)
-
-    def execute(self, requests):
-        os.write(self.started, b"s")
-        os.read(self.release, 1)
-        out = []
-        for r in requests:
-            n = len(pb_utils.get_input_tensor_by_name(r, "features").as_numpy())
-            score = np.full((n, 1), 0.5, dtype=np.float32)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", score)]))
-        return out
-"""
-
 
 @dataclass
 class Served:
     server: LocalTriton
     repo: Path
-    release: int
-    started: int
+    gate: Gate
 
     def close(self) -> None:
-        os.write(self.release, b"r" * 64)  # nothing stays blocked while the server stops
+        self.gate.open(64)  # nothing stays blocked while the server stops
         self.server.stop()
-        os.close(self.release)
-        os.close(self.started)
+        self.gate.close()
 
 
 def _experiment(*weights: dict[str, float], **arms: str) -> dict[str, Any]:
@@ -116,14 +75,7 @@ def _experiment(*weights: dict[str, float], **arms: str) -> dict[str, Any]:
 def _start(lab: Lab) -> Served:
     root = lab.path("ensembles")
     repo = models.logistic_models(root, W, ServingSpec(cpu_instances=1))
-    release, started = root / "stuck.release", root / "stuck.started"
-    os.mkfifo(release)
-    os.mkfifo(started)
-    (repo / "stuck" / "1").mkdir(parents=True)
-    config = STUCK_CONFIG.replace("RELEASE", str(release)).replace("STARTED", str(started))
-    (repo / "stuck" / "config.pbtxt").write_text(config)
-    (repo / "stuck" / "1" / "model.py").write_text(STUCK_PY)
-    seal.seal_model(repo / "stuck")
+    gate = stuck_model(repo, root, N)
     files = lab.path("ensembles", "files")
     patient = Limits(bls_timeout_ms=60_000, max_key_cache_bytes=CACHE_BYTES, watch_interval_ms=50)
     one = rep.Serving(instances=1)
@@ -145,14 +97,12 @@ def _start(lab: Lab) -> Served:
         serving=rep.Serving(instances=2),
         limits=patient,
     )
-    gates = os.open(release, os.O_RDWR), os.open(started, os.O_RDWR)
     try:
         server = procs.start(repo, root / "triton.log")
     except BaseException:
-        for fd in gates:
-            os.close(fd)
+        gate.close()
         raise
-    return Served(server, repo, *gates)
+    return Served(server, repo, gate)
 
 
 def run(lab: Lab) -> list[Probe]:
@@ -367,13 +317,13 @@ def _blocked(s: Served) -> Outcome:
     began = time.monotonic()
     err = _error(lambda: _infer(s, "waiting", x, arm="stuck", timeout_us=None))
     took = time.monotonic() - began
-    ready, _, _ = select.select([s.started], [], [], 30)
-    stuck_ran = bool(ready) and os.read(s.started, 1) == b"s"
+    ready, _, _ = select.select([s.gate.started], [], [], 30)
+    stuck_ran = bool(ready) and os.read(s.gate.started, 1) == b"s"
     timed_out = "stuck:1 did not answer within 300 ms (bls_timeout_ms)" in err
     out = _infer(s, "waiting", x, arm="control")
     other = bool(np.allclose(out.as_numpy("score"), models.oracle(W["alpha"], x), atol=1e-5))
     # Let the stuck call come back, and the next few executes through at once.
-    os.write(s.release, b"r" * 4)
+    s.gate.open(4)
     recovered = procs.wait_until(
         lambda: not _error(lambda: _infer(s, "waiting", x, arm="stuck", timeout_us=None)),
         30,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import select
-from dataclasses import dataclass
+import threading
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -166,78 +167,37 @@ def python_model(
     return model_dir
 
 
-# A model that blocks: each execute announces itself on `started`, then waits until
-# the test writes one byte to `release`; it answers 0.5 for every row. The FIFOs are
-# opened O_RDWR so no open() blocks. Busy is an event the test waits on, not a sleep.
-_STUCK_CONFIG = """\
-name: "stuck"
-backend: "python"
-max_batch_size: 1024
-input [ { name: "features" data_type: TYPE_FP32 dims: [ N_FEATURES ] } ]
-output [ { name: "score" data_type: TYPE_FP32 dims: [ 1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-parameters { key: "leaf" value { string_value: "true" } }
-parameters { key: "release" value { string_value: "RELEASE" } }
-parameters { key: "started" value { string_value: "STARTED" } }
-"""
-_STUCK_PY = """\
-import json
-import os
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
+def wait_until(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
+    """Poll ``check()`` until it returns something truthy (and return it); fail after
+    ``timeout_s`` naming ``what`` and the last value. For state another process changes
+    with no event to wait on (a reload, a pushed metric); never to pass time."""
+    done = threading.Event()
+    deadline = threading.Timer(timeout_s, done.set)
+    deadline.start()
+    try:
+        while True:
+            got = check()
+            if got:
+                return got
+            if done.wait(0.02):
+                raise AssertionError(f"{what}: not within {timeout_s:g} s (last: {got!r})")
+    finally:
+        deadline.cancel()
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.release = os.open(params["release"]["string_value"], os.O_RDWR)
-        self.started = os.open(params["started"]["string_value"], os.O_RDWR)
-
-    def execute(self, requests):
-        os.write(self.started, b"s")
-        os.read(self.release, 1)
-        out = []
-        for r in requests:
-            n = len(pb_utils.get_input_tensor_by_name(r, "features").as_numpy())
-            score = np.full((n, 1), 0.5, dtype=np.float32)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", score)]))
-        return out
-"""
+def metrics_text(metrics_url: str) -> str:
+    """Triton's Prometheus page (no proxy: the server is on loopback)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(metrics_url, timeout=10) as resp:
+        return str(resp.read().decode())
 
 
-@dataclass
-class Gate:
-    release: int
-    started: int
-
-    def wait_started(self, timeout_s: float = 60.0) -> None:
-        ready, _, _ = select.select([self.started], [], [], timeout_s)
-        assert ready, "stuck never started executing"
-        os.read(self.started, 1)
-
-    def open(self, n: int = 1) -> None:
-        os.write(self.release, b"r" * n)
-
-    def drain(self) -> int:
-        """Forget the executes announced so far; how many there were."""
-        n = 0
-        while select.select([self.started], [], [], 0)[0]:
-            n += len(os.read(self.started, 4096))
-        return n
-
-
-def stuck_model(repo: Path, fifo_dir: Path, n_features: int) -> Gate:
-    """Write and seal ``repo/stuck`` (a leaf model) and return the gate that drives it."""
-    from setsuna import seal as sealing
-
-    release, started = fifo_dir / "stuck.release", fifo_dir / "stuck.started"
-    os.mkfifo(release)
-    os.mkfifo(started)
-    (repo / "stuck" / "1").mkdir(parents=True)
-    config = _STUCK_CONFIG.replace("N_FEATURES", str(n_features))
-    config = config.replace("RELEASE", str(release)).replace("STARTED", str(started))
-    (repo / "stuck" / "config.pbtxt").write_text(config)
-    (repo / "stuck" / "1" / "model.py").write_text(_STUCK_PY)
-    sealing.seal_model(repo / "stuck")  # the stub guard loads only sealed folders
-    return Gate(os.open(release, os.O_RDWR), os.open(started, os.O_RDWR))
+def metric_series(metrics_url: str, name: str, **labels: str) -> list[float]:
+    """Values of every series of ``name`` whose labels include ``labels``."""
+    out = []
+    for line in metrics_text(metrics_url).splitlines():
+        if line.startswith(name + "{"):
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                out.append(float(value))
+    return out

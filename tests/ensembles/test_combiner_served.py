@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ensembles import repository as rep
 from ensembles.limits import Limits
+from reliability.stuck import Gate, stuck_model
 from setsuna import seal
 from setsuna.errors import ConfigError
 from setsuna.server import LocalTriton
-from tests.helpers import Gate, build_logistic_models, stuck_model
+from tests.helpers import build_logistic_models, wait_until
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -87,8 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )
     with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as server:
         yield Served(server, gate, repo)
-    os.close(gate.release)
-    os.close(gate.started)
+    gate.close()
 
 
 def _infer(
@@ -128,22 +127,6 @@ def _executions(s: Served, model: str) -> int:
     return int(stats["model_stats"][0].get("execution_count", 0))
 
 
-def _wait(what: str, check: Callable[[], Any], timeout_s: float = 60.0) -> Any:
-    """Poll ``check()`` until it returns something truthy; fail after ``timeout_s``."""
-    done = threading.Event()
-    deadline = threading.Timer(timeout_s, done.set)
-    deadline.start()
-    try:
-        while True:
-            got = check()
-            if got:
-                return got
-            if done.wait(0.02):
-                raise AssertionError(f"{what}: not within {timeout_s:g} s (last: {got!r})")
-    finally:
-        deadline.cancel()
-
-
 def test_requests_batched_into_one_execute_each_get_their_own_rows(served: Served) -> None:
     """One execute, one call per member for every queued request; answers split back right."""
     g = served.gate
@@ -155,7 +138,7 @@ def test_requests_batched_into_one_execute_each_get_their_own_rows(served: Serve
         head = pool.submit(_infer, served, "gated", first)
         g.wait_started()  # the only instance is now busy inside execute
         rest: list[Future[Any]] = [pool.submit(_infer, served, "gated", x) for x in xs]
-        _wait("every request queued", lambda: _pending(served, "gated") >= len(sizes))
+        wait_until("every request queued", lambda: _pending(served, "gated") >= len(sizes))
         g.open()  # the first execute ends; the batcher hands the rest over at once
         g.wait_started()
         g.open()
@@ -221,7 +204,7 @@ def test_a_member_that_never_answers_fails_the_batch_within_its_bound(served: Se
             assert "unanswered" in str(exc), exc  # only the fail-fast may happen meanwhile
             return False
 
-    _wait("the stuck member is called again once it answered", answered)
+    wait_until("the stuck member is called again once it answered", answered)
     g.drain()
 
 
@@ -277,7 +260,7 @@ def test_in_process_members_load_no_engine_a_trusted_publisher_did_not_seal(
     assert log is not None
     try:
         _set_members(served, "local", _members("forged", "beta"))
-        _wait("the log names the untrusted seal", lambda: "not trusted" in log.read_text())
+        wait_until("the log names the untrusted seal", lambda: "not trusted" in log.read_text())
         x = RNG.normal(size=(3, N)).astype(np.float32)
         out = _infer(served, "local", x)  # the previous members keep serving
         assert out.as_numpy("models").reshape(-1).tolist() == [b"alpha:1,beta:1"] * 3

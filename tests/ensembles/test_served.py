@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from setsuna import seal
 from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, ExperimentVersion, Signal, Target
 from setsuna.errors import SetsunaError
 from setsuna.server import LocalTriton
-from tests.helpers import build_logistic_models
+from tests.helpers import build_logistic_models, metrics_text, wait_until
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -300,21 +299,13 @@ def test_a_bad_experiment_file_keeps_the_previous_one_serving(served: Served) ->
         # Each instance refuses the file once (the one that answered has by now).
         counts = [
             float(line.rsplit(" ", 1)[1])
-            for line in _metrics(served).splitlines()
+            for line in metrics_text(served.server.metrics_url).splitlines()
             if line.startswith("setsuna_router_reload_failures_total{")
             and 'router="router"' in line
         ]
         assert max(counts) == 1.0 and set(counts) <= {0.0, 1.0}, counts
     finally:
         _set_experiment(served, _experiment({"control": 0.5, "treatment": 0.5}))
-
-
-def _metrics(s: Served) -> str:
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(s.server.metrics_url, timeout=10) as resp:
-        return str(resp.read().decode())
 
 
 def test_shadow_results_are_recorded_never_returned(served: Served) -> None:
@@ -332,7 +323,7 @@ def test_shadow_results_are_recorded_never_returned(served: Served) -> None:
     )
     np.testing.assert_allclose(np.array(mine[0]["primary"]).reshape(-1, 1), out["score"], atol=0)
     assert 'setsuna_router_shadow_rows_total{model="gamma:1",outcome="ok",router="router"}' in (
-        _metrics(served)
+        metrics_text(served.server.metrics_url)
     )
 
 
@@ -432,7 +423,7 @@ def _select(s: Served, n: int) -> list[str]:
 
 def _gauges(s: Served, name: str) -> dict[str, float]:
     out = {}
-    for line in _metrics(s).splitlines():
+    for line in metrics_text(s.server.metrics_url).splitlines():
         if line.startswith(name + "{"):
             labels, value = line.rsplit(" ", 1)
             model = labels.split('model="')[1].split('"')[0]
@@ -463,26 +454,13 @@ def test_selector_switches_when_the_budget_changes_and_not_before(served: Served
         _set_selector(served, _selector(1000.0))
 
 
-def _wait_for(what: str, check: Any, timeout_s: float = 30.0) -> Any:
-    done = threading.Event()
-    timer = threading.Timer(timeout_s, done.set)
-    timer.start()
-    try:
-        while not (got := check()):
-            if done.wait(0.05):
-                raise AssertionError(f"{what}: not within {timeout_s:g} s")
-        return got
-    finally:
-        timer.cancel()
-
-
 def test_a_bad_selector_file_is_counted_and_the_previous_one_serves(served: Served) -> None:
     """Every file-driven model counts refused reloads (the selector used to only log them)."""
 
     def failures() -> float:
         return sum(
             float(line.rsplit(" ", 1)[1])
-            for line in _metrics(served).splitlines()
+            for line in metrics_text(served.server.metrics_url).splitlines()
             if line.startswith("setsuna_selector_reload_failures_total{")
             and 'selector="selector"' in line
         )
@@ -492,7 +470,7 @@ def test_a_bad_selector_file_is_counted_and_the_previous_one_serves(served: Serv
     bad["variants"] = []  # no variant to choose from
     _set_selector(served, bad)
     try:
-        _wait_for("the refused selector file is counted", lambda: failures() >= before + 1)
+        wait_until("the refused selector file is counted", lambda: failures() >= before + 1)
         # the previous file still serves: answers from its variants, no error
         assert set(_select(served, 3)) <= {"slow:1", "alpha:1"}
     finally:

@@ -36,7 +36,7 @@ from ensembles.limits import Limits
 from setsuna import seal
 from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, ExperimentVersion, Target
 from setsuna.server import LocalTriton
-from tests.helpers import build_logistic_models
+from tests.helpers import build_logistic_models, metric_series, wait_until
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -152,46 +152,12 @@ def _oracle(name: str, x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-z))).reshape(-1, 1)
 
 
-def _metrics(s: Served) -> str:
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(s.server.metrics_url, timeout=10) as resp:
-        return str(resp.read().decode())
-
-
-def _series(s: Served, name: str, **labels: str) -> list[float]:
-    out = []
-    for line in _metrics(s).splitlines():
-        if line.startswith(name + "{"):
-            head, value = line.rsplit(" ", 1)
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                out.append(float(value))
-    return out
-
-
 def _counts(s: Served, model: str) -> tuple[float, float]:
     """The model's (one instance's) cache hits and misses, as last pushed."""
-    hits = _series(s, "setsuna_router_cache_hits_total", router=model)
-    misses = _series(s, "setsuna_router_cache_misses_total", router=model)
+    hits = metric_series(s.server.metrics_url, "setsuna_router_cache_hits_total", router=model)
+    misses = metric_series(s.server.metrics_url, "setsuna_router_cache_misses_total", router=model)
     assert len(hits) == 1 and len(misses) == 1, (hits, misses)
     return hits[0], misses[0]
-
-
-def _wait(what: str, check: Any, timeout_s: float = 60.0) -> Any:
-    """Poll ``check()`` until it returns something truthy; fail after ``timeout_s``."""
-    done = threading.Event()
-    deadline = threading.Timer(timeout_s, done.set)
-    deadline.start()
-    try:
-        while True:
-            got = check()
-            if got:
-                return got
-            if done.wait(0.05):
-                raise AssertionError(f"{what}: not within {timeout_s:g} s (last: {got!r})")
-    finally:
-        deadline.cancel()
 
 
 def _counted(s: Served, model: str, hits: float, misses: float) -> None:
@@ -202,7 +168,7 @@ def _counted(s: Served, model: str, hits: float, misses: float) -> None:
         assert now[0] <= hits and now[1] <= misses, f"{model}: {now} past {(hits, misses)}"
         return now == (hits, misses)
 
-    _wait(f"{model} counted {hits:g} hits and {misses:g} misses", reached)
+    wait_until(f"{model} counted {hits:g} hits and {misses:g} misses", reached)
 
 
 def _rows_computed(s: Served, *models: str) -> int:
@@ -361,15 +327,27 @@ def test_the_byte_cap_holds_through_a_flood_of_distinct_rows(served: Served) -> 
     want_clears = rows * batches * size // SMALL_BYTES - 1
 
     def settled() -> tuple[float, float, float] | None:
-        now = _series(served, "setsuna_router_cache_bytes", router="decide_small", stat="now")
-        peak = _series(served, "setsuna_router_cache_bytes", router="decide_small", stat="peak")
-        clears = _series(served, "setsuna_router_cache_clears_total", router="decide_small")
+        now = metric_series(
+            served.server.metrics_url,
+            "setsuna_router_cache_bytes",
+            router="decide_small",
+            stat="now",
+        )
+        peak = metric_series(
+            served.server.metrics_url,
+            "setsuna_router_cache_bytes",
+            router="decide_small",
+            stat="peak",
+        )
+        clears = metric_series(
+            served.server.metrics_url, "setsuna_router_cache_clears_total", router="decide_small"
+        )
         assert all(v <= SMALL_BYTES for v in now + peak), (now, peak)  # at every sample
         if clears and clears[0] >= want_clears:
             return now[0], peak[0], clears[0]
         return None
 
-    now, peak, clears = _wait("the cache filled up to its cap and was dropped", settled)
+    now, peak, clears = wait_until("the cache filled up to its cap and was dropped", settled)
     assert SMALL_BYTES - rows * size < peak <= SMALL_BYTES, (now, peak, clears)
     _counted(served, "decide_small", h, m + rows * batches)  # every row distinct: no hit
 
@@ -387,14 +365,14 @@ def test_an_answer_expires_after_its_ttl(served: Served) -> None:
         _counted(served, model, h + 1, m + 1)
         hits = h + 1
     else:  # a slow machine: the entry may have expired in between
-        _wait(f"{model} counted 2 lookups", lambda: sum(_counts(served, model)) == h + m + 2)
+        wait_until(f"{model} counted 2 lookups", lambda: sum(_counts(served, model)) == h + m + 2)
         hits = _counts(served, model)[0]
     # Stored before `first` answered; wait out the TTL from there on the same clock.
     left = SMALL_TTL_MS / 1e3 - (time.monotonic() - answered)
     threading.Event().wait(max(0.0, left) + 0.01)
     expired = _infer(served, model, x, [b"ttl"])
     _same(expired, first)
-    _wait(
+    wait_until(
         f"{model} counted the expired lookup as a miss",
         lambda: sum(_counts(served, model)) == h + m + 3,
     )

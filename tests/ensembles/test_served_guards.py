@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,10 +30,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ensembles import repository as rep
 from ensembles import signal
 from ensembles.limits import Limits
+from reliability.stuck import Gate, stuck_model
 from setsuna import seal
 from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, ExperimentVersion, Target
 from setsuna.server import LocalTriton
-from tests.helpers import Gate, build_logistic_models, stuck_model
+from tests.helpers import build_logistic_models, metric_series, wait_until
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -100,8 +100,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )
     with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as server:
         yield Served(server, repo, root, gate)
-    os.close(gate.release)
-    os.close(gate.started)
+    gate.close()
 
 
 def _inputs(x: np.ndarray, keys: list[bytes] | None) -> list[Any]:
@@ -138,41 +137,6 @@ def _infer(
 
 def _oracle(name: str, x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(x.astype(np.float64) @ W[name].astype(np.float64))))
-
-
-def _metrics(s: Served) -> str:
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(s.server.metrics_url, timeout=10) as resp:
-        return str(resp.read().decode())
-
-
-def _series(s: Served, name: str, **labels: str) -> list[float]:
-    """Values of every series of ``name`` whose labels include ``labels``."""
-    out = []
-    for line in _metrics(s).splitlines():
-        if line.startswith(name + "{"):
-            head, value = line.rsplit(" ", 1)
-            if all(f'{k}="{v}"' in head for k, v in labels.items()):
-                out.append(float(value))
-    return out
-
-
-def _wait(what: str, check: Any, timeout_s: float = 60.0) -> Any:
-    """Poll ``check()`` until it returns something truthy; fail after ``timeout_s``."""
-    done = threading.Event()
-    deadline = threading.Timer(timeout_s, done.set)
-    deadline.start()
-    try:
-        while True:
-            got = check()
-            if got:
-                return got
-            if done.wait(0.05):
-                raise AssertionError(f"{what}: not within {timeout_s:g} s (last: {got!r})")
-    finally:
-        deadline.cancel()
 
 
 def _set(s: Served, model: str, doc: dict[str, Any] | str) -> None:
@@ -227,12 +191,19 @@ def test_the_key_memo_stays_under_its_byte_cap_through_a_flood(served: Served) -
     after_kib = _stub_rss_kib(served, "router")
 
     def settled() -> tuple[float, float] | None:
-        peak = _series(served, "setsuna_router_key_cache_bytes", router="router", stat="peak")
-        clears = _series(served, "setsuna_router_key_cache_clears_total", router="router")
+        peak = metric_series(
+            served.server.metrics_url,
+            "setsuna_router_key_cache_bytes",
+            router="router",
+            stat="peak",
+        )
+        clears = metric_series(
+            served.server.metrics_url, "setsuna_router_key_cache_clears_total", router="router"
+        )
         assert all(p <= CACHE_BYTES for p in peak), peak  # never above the cap, at any sample
         return (peak[0], clears[0]) if peak and clears and clears[0] >= 50 else None
 
-    peak, clears = _wait("the memo was used up to its cap and dropped", settled)
+    peak, clears = wait_until("the memo was used up to its cap and dropped", settled)
     assert CACHE_BYTES // 2 < peak <= CACHE_BYTES, (peak, clears)
     print(f"router stub RSS {before_kib} KiB -> {after_kib} KiB over the flood")
 
@@ -251,7 +222,9 @@ def test_the_key_memo_stays_under_its_byte_cap_through_a_flood(served: Served) -
 def test_a_loop_or_a_bad_name_is_refused_like_any_bad_file(
     served: Served, callee: str, why: str
 ) -> None:
-    failures = _series(served, "setsuna_router_reload_failures_total", router="router")
+    failures = metric_series(
+        served.server.metrics_url, "setsuna_router_reload_failures_total", router="router"
+    )
     before = failures[0] if failures else 0.0
     _set(served, "router", _experiment(HALF, {**HALF, "loop": 0.0}, loop=callee, **AB))
     try:
@@ -260,8 +233,10 @@ def test_a_loop_or_a_bad_name_is_refused_like_any_bad_file(
         assert out.as_numpy("experiment_version").reshape(-1).tolist() == [1] * 3
         log = served.server.log_path
         assert log is not None
-        _wait(f"the log says {why!r}", lambda: why in log.read_text())
-        after = _series(served, "setsuna_router_reload_failures_total", router="router")
+        wait_until(f"the log says {why!r}", lambda: why in log.read_text())
+        after = metric_series(
+            served.server.metrics_url, "setsuna_router_reload_failures_total", router="router"
+        )
         assert after == [before + 1]
         # and the decision (router -> signal) keeps answering through the old experiment
         with served.client() as c:
@@ -284,7 +259,9 @@ def test_decide_loads_no_engine_from_outside_the_repository(served: Served) -> N
             assert out.as_numpy("experiment_version").reshape(-1).tolist() == [1] * 4
         log = served.server.log_path
         assert log is not None
-        _wait("the log names the escape", lambda: "outside the model repository" in log.read_text())
+        wait_until(
+            "the log names the escape", lambda: "outside the model repository" in log.read_text()
+        )
     finally:
         _set(served, "decide", _experiment(HALF, **AB))
         link.unlink()
@@ -305,7 +282,7 @@ def test_decide_loads_no_engine_a_trusted_publisher_did_not_seal(served: Served)
             assert out.as_numpy("experiment_version").reshape(-1).tolist() == [1] * 4
         log = served.server.log_path
         assert log is not None
-        _wait("the log names the untrusted seal", lambda: "not trusted" in log.read_text())
+        wait_until("the log names the untrusted seal", lambda: "not trusted" in log.read_text())
     finally:
         _set(served, "decide", _experiment(HALF, **AB))
         shutil.rmtree(forged)
@@ -344,7 +321,7 @@ def test_a_downstream_model_that_never_answers_times_out_and_the_router_goes_on(
             assert "unanswered" in str(exc), exc  # only the fail-fast may happen meanwhile
             return False
 
-    _wait("the stuck model is called again once it answered", answered)
+    wait_until("the stuck model is called again once it answered", answered)
 
 
 # -- every instance on one version ---------------------------------------------------
@@ -374,7 +351,7 @@ def _all_on(s: Served, model: str, version: int, instances: int = 2) -> dict[str
         return len(seen) == instances and all(v == {version} for v in seen.values())
 
     try:
-        _wait(f"every instance of {model} answers with v{version}", agreed)
+        wait_until(f"every instance of {model} answers with v{version}", agreed)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; instances answered {seen}") from None
     return seen
