@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Final
@@ -181,12 +182,6 @@ def _figures(results: dict[str, dict[int, pa.RunResult]]) -> Figures:
     return figures
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    mid = len(v) // 2
-    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
-
-
 def _report(rounds: list[Figures]) -> dict[str, Any]:
     """Medians over the rounds (of the rounds' own ratios, with their range) and verdicts."""
 
@@ -197,7 +192,7 @@ def _report(rounds: list[Figures]) -> dict[str, Any]:
         v = series(model, key)
         if not v:
             return "failed"
-        text = format(_median(v), fmt) + ("x" if ratio else "")
+        text = format(statistics.median(v), fmt) + ("x" if ratio else "")
         if len(v) > 1:
             text += f" ({format(min(v), fmt)}-{format(max(v), fmt)})"
         return text

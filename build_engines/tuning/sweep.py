@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from build_engines.tuning import perf_analyzer as pa
-from build_engines.tuning.choice import choice_json, choose
+from build_engines.tuning.choice import Choice, choice_json, choose
 from build_engines.tuning.inputs import input_rows
 from build_engines.tuning.results import VariantResult, variant_json
 from build_engines.tuning.served import ServedModel
@@ -263,14 +263,18 @@ class Sweep:
             self.serve_variant(model, repo, vr, plan)
             results.append(vr)
         self.stalled |= {vr.variant.name for vr in results if vr.stalled}
-        choice = choose(
-            results,
-            s.protocol,
-            budget_us,
-            allow_cache=s.allow_cache,
-            allow_batching_off=s.allow_batching_off,
-            stalled_elsewhere=self.stalled,
-        )
+
+        def pick() -> Choice:
+            return choose(
+                results,
+                s.protocol,
+                budget_us,
+                allow_cache=s.allow_cache,
+                allow_batching_off=s.allow_batching_off,
+                stalled_elsewhere=self.stalled,
+            )
+
+        choice = pick()
         if choice.variant is not None and choice.variant.variant.name != "default":
             name = choice.variant.variant.name
             self.echo(f"  {model.name} / {name} (chosen): detail runs")
@@ -283,14 +287,7 @@ class Sweep:
             if chosen.stalled:  # its HTTP or 1,024-row runs stalled: choose again
                 self.echo(f"  {model.name} / {name}: stalled in its detail runs; choosing again")
                 self.stalled.add(name)
-                choice = choose(
-                    results,
-                    s.protocol,
-                    budget_us,
-                    allow_cache=s.allow_cache,
-                    allow_batching_off=s.allow_batching_off,
-                    stalled_elsewhere=self.stalled,
-                )
+                choice = pick()
         shutil.rmtree(repo / model.name, ignore_errors=True)
         return {
             "model": model.name,
