@@ -32,7 +32,7 @@ from ensembles import repository as rep
 from ensembles.limits import Limits
 from reliability.stuck import Gate, stuck_model
 from setsuna import seal
-from setsuna.errors import ConfigError
+from setsuna.errors import ConfigError, SetsunaError
 from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models, wait_until
 
@@ -276,3 +276,27 @@ def test_an_in_process_combiner_needs_its_members_built(tmp_path: Path) -> None:
     (tmp_path / "repo").mkdir()
     with pytest.raises(ConfigError, match=r"member alpha:1 is not in the model repository"):
         rep.write_combiner(tmp_path / "repo", tmp_path / "m.json", N, in_process=True)
+
+
+def test_a_boolean_parameter_that_is_not_true_or_false_refuses_to_load(
+    served: Served, tmp_path: Path
+) -> None:
+    """`in_process: "yes"` used to read as false, silently serving through BLS."""
+    repo = tmp_path / "repo"
+    for name in ("alpha", "beta"):
+        shutil.copytree(served.repo / name, repo / name)
+    (tmp_path / "m.json").write_text(json.dumps(_members("alpha", "beta")))
+    folder = rep.write_combiner(repo, tmp_path / "m.json", N, in_process=True)
+    config = folder / "config.pbtxt"
+    before = 'key: "in_process"\n  value {\n    string_value: "true"'
+    text = config.read_text()
+    assert before in text
+    config.write_text(text.replace(before, before.replace('"true"', '"yes"')))
+    seal.seal_model(folder)  # a publisher's mistake, not tampering: signed as usual
+    server = LocalTriton.on_free_ports(
+        repo, load_models=("combiner",), log_path=tmp_path / "triton.log"
+    )
+    with pytest.raises(SetsunaError, match="combiner"):
+        server.start()
+    server.stop()
+    assert "in_process='yes': give true or false" in (tmp_path / "triton.log").read_text()
