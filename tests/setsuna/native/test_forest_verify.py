@@ -398,6 +398,37 @@ def test_a_malformed_seal_is_refused_without_crashing(
     assert_refused(lib, version, "seal.json", python=False)
 
 
+def test_a_number_in_the_payload_is_refused_before_the_signature(
+    lib: ctypes.CDLL, tmp_path: Path, keys: Ed25519PrivateKey
+) -> None:
+    """A payload never holds numbers: the C side does not reproduce Python's float repr."""
+    version = forest_folder(tmp_path)
+    doc = json.loads((version / "seal.json").read_text())
+    doc["payload"]["extra"] = 1.5
+    (version / "seal.json").write_text(json.dumps(doc))
+    assert_refused(lib, version, "seal.json is malformed: its payload holds a number (1.5)")
+
+
+def test_the_default_trusted_keys_path(
+    lib: ctypes.CDLL, tmp_path: Path, keys: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$SETSUNA_TRUSTED_KEYS, else $XDG_CONFIG_HOME/setsuna, else $HOME/.config/setsuna."""
+    version = forest_folder(tmp_path)
+    trusted = seal.trusted_keys_path().read_bytes()
+    monkeypatch.delenv(seal.TRUSTED_KEYS_ENV)
+    for home, xdg in ((tmp_path / "home", tmp_path / "xdg"), (tmp_path / "home", None)):
+        monkeypatch.setenv("HOME", str(home))
+        if xdg is None:
+            monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+        else:
+            monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+        expected = seal.trusted_keys_path()
+        assert_refused(lib, version, f"no trusted keys at {expected}")
+        expected.parent.mkdir(parents=True)
+        expected.write_bytes(trusted)
+        assert describe(lib, version).startswith("ok "), expected
+
+
 def test_every_truncation_of_a_seal_is_refused(
     lib: ctypes.CDLL, tmp_path: Path, keys: Ed25519PrivateKey
 ) -> None:

@@ -443,6 +443,7 @@ static int check_file(vctx *c, int dfd, const char *name, const char *rel, const
                    "publishing. Do not serve it: %s", c->shown, SHOW(rel, n), SF_REPUBLISH);
   }
   c->seen[idx] = 1;
+  if (!(e->name = strdup(rel))) { free(data); return fail(c, "out of memory"); }
   /* Only top-level files can be the manifest or an engine library; keep their verified bytes. */
   if (top && c->kept_bytes + len <= SF_MAX_KEPT_BYTES) {
     e->data = data;
@@ -451,7 +452,6 @@ static int check_file(vctx *c, int dfd, const char *name, const char *rel, const
   } else {
     free(data);
   }
-  if (!(e->name = strdup(rel))) return fail(c, "out of memory");
   c->n_files++;
   return 0;
 }
