@@ -22,6 +22,7 @@ from build_engines.base import F32, Built, Candidate, Converter, Skipped, Source
 from build_engines.report import Report
 from build_engines.repository import write_model
 from build_engines.spec import ModelSpec
+from setsuna import native_forest
 from setsuna.errors import GateError, InputError
 
 #: Share of the held-out rows used for INT8 calibration (the rest judge).
@@ -193,4 +194,9 @@ def build_model(
         for t, c in ev.chosen.items()
         if c is not None
     }
+    local = ev.chosen.get("local")
+    if echo and local is not None:
+        native, why = native_forest.choose(local.engine or "", local.params)
+        how = f"{native_forest.BACKEND} (native)" if native else f"the Python wrapper ({why})"
+        print(f"{spec.name} (local): {local.name} served by {how}", flush=True)
     return BuildResult(report=ev.report, published=published)

@@ -11,9 +11,13 @@ folder, verified, then swapped in atomically (:mod:`setsuna.publish`).
 
 Targets:
 
-- ``local``: Python-backend model whose ``model.py`` is a one-line import of
-  :mod:`setsuna.backend`, which verifies the manifest and runs the engine
-  in-process (the pytriton ``tritonserver`` has only the Python backend).
+- ``local``: a compiled forest (tl2cgen, lleaves, their switch) is served
+  by ``setsuna_forest``, setsuna's native C backend
+  (:mod:`setsuna.native_forest`), with no ``model.py``; every other engine,
+  and every forest where that backend cannot be built (no C compiler,
+  ``SETSUNA_NATIVE=0``), is a Python-backend model whose ``model.py`` is a
+  one-line import of :mod:`setsuna.backend`. Both verify the seal and the
+  manifest at load and run the engine in-process.
 - ``container``: the NGC image's native backends, chosen by the candidate's
   :class:`~build_engines.base.ContainerSpec` (``onnxruntime_onnx``,
   ``tensorrt_plan`` on KIND_GPU, or the ``fil`` backend, whose tensors are
@@ -33,7 +37,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build_engines.base import Candidate, Source, Target
 from build_engines.report import Report
 from build_engines.spec import ModelSpec
-from setsuna import manifest, model_config, publish
+from setsuna import manifest, model_config, native_forest, publish
 from setsuna.errors import ConfigError
 from setsuna.model_config import CONFIG_NAME
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
@@ -68,7 +72,8 @@ def build_config(
     if target == "local":
         if not (candidate.local and candidate.engine):
             raise ConfigError(f"candidate {candidate.name!r} cannot be served by the local target")
-        cfg.backend = "python"
+        native, _ = native_forest.choose(candidate.engine, candidate.params)
+        cfg.backend = native_forest.BACKEND if native else "python"
     else:
         c = candidate.container
         if c is None:
@@ -126,6 +131,7 @@ def write_model(
     anything.
     """
     cfg = build_config(spec, source.schema.row_shape, candidate, target)
+    wrapper = target == "local" and cfg.backend == "python"
     hazards = model_config.batching_hazards(cfg)
     if hazards:  # build_config never adds a queue policy; this keeps it that way
         raise ConfigError("; ".join(hazards))
@@ -133,7 +139,7 @@ def write_model(
     model_config.parse(text, name=spec.name)  # round-trip through the schema before anything
 
     def write(folder: Path) -> None:
-        _write_folder(folder, text, spec, source, candidate, target, report)
+        _write_folder(folder, text, spec, source, candidate, target, report, wrapper=wrapper)
 
     def check(folder: Path) -> None:
         model_config.load(folder / CONFIG_NAME, name=spec.name)
@@ -151,15 +157,20 @@ def _write_folder(
     candidate: Candidate,
     target: Target,
     report: Report,
+    *,
+    wrapper: bool,
 ) -> None:
-    """Fill an empty model folder: config, then the version folder, its manifest last."""
+    """Fill an empty model folder: config, then the version folder, its manifest last.
+
+    ``wrapper``: the version folder gets the Python backend's ``model.py``.
+    """
     (model_dir / CONFIG_NAME).write_text(config_text)
     version_dir = model_dir / str(VERSION)
     version_dir.mkdir()
     for f in sorted(candidate.folder.iterdir()):
         if f.is_file():
             shutil.copy2(f, version_dir / f.name)
-    if target == "local":
+    if wrapper:
         (version_dir / "model.py").write_text(
             WRAPPER.format(model=spec.name, engine=candidate.engine, candidate=candidate.name)
         )

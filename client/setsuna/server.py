@@ -56,7 +56,7 @@ from typing import Any, Final, Self
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from setsuna import seal, serve_lock, stub_guard
+from setsuna import native_forest, seal, serve_lock, stub_guard
 from setsuna.errors import ConfigError, ServerError, SetsunaError
 from setsuna.watchdog import ModelWatchdog
 
@@ -439,9 +439,13 @@ def _binary_knows(binary: Path, flag: str, libs: Path) -> bool:
 
 
 def prepare_backend_directory(install: TritonInstall, cache_root: Path | None = None) -> Path:
-    """A private backend directory holding ``python/`` with this Python's stub copied in.
+    """A private backend directory: ``python/`` with this Python's stub, and ``setsuna_forest/``.
 
-    Keyed by the content hash of the three files, so it is built once per
+    The native forest backend (:mod:`setsuna.native_forest`) is included when
+    it could be built here; without it, models published on it do not load
+    (the build publishes them on the Python wrapper in that case).
+
+    Keyed by the content hash of the files, so it is built once per
     wheel and Python version and shared safely between concurrent servers
     (built in a temporary sibling, then renamed into place).
     """
@@ -455,6 +459,7 @@ def prepare_backend_directory(install: TritonInstall, cache_root: Path | None = 
     for f in files:
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
+    digest.update(native_forest.library_digest())
     root = _cache_root() if cache_root is None else cache_root
     final = root / digest.hexdigest()[:16]
     if (final / "python" / stub.name).is_file():
@@ -465,6 +470,7 @@ def prepare_backend_directory(install: TritonInstall, cache_root: Path | None = 
         (work / "python").mkdir()
         for f in files:
             shutil.copy2(f, work / "python" / f.name)  # copy2 keeps the stub executable
+        native_forest.install(work)  # setsuna_forest/, when a C compiler could build it
         try:
             work.rename(final)
         except OSError:  # another process won the race; its copy is identical

@@ -1,0 +1,350 @@
+"""setsuna_forest in the real server: the Python wrapper's contract, in C, in-process.
+
+Small LightGBM and XGBoost forests are built by the real pipeline (converter,
+gate, repository writer, seal) into a ``local`` repository, which publishes
+them on the native backend, and served by the wheel's ``tritonserver``. The
+oracle for every answer is the in-process engine on the same version folder
+(bit-identical), which the gate compared with the source library.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build_engines import composite, gate
+from build_engines.base import F32, Built, Candidate, Converter, Source
+from build_engines.build import build_model, converter_for
+from build_engines.spec import ModelSpec, ServingSpec
+from setsuna import deadline, manifest, model_config, native_forest, runtime, seal
+from setsuna.server import LocalTriton, find_tritonserver
+from tests.helpers import metric_series, wait_until
+
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+N_FEATURES = 8
+FAST = gate.GateSettings(latency_calls=20, batch_budget_s=0.01)
+#: The C file of a library that breaks its contract: NaN for rows whose first
+#: feature is above 100, 0.25 otherwise. Served, it must fail those requests.
+BROKEN_C = """
+#include <math.h>
+#include <stdint.h>
+__attribute__((visibility("default"))) int32_t setsuna_num_feature(void) { return %d; }
+__attribute__((visibility("default")))
+void setsuna_predict_batch(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i * %d] > 100.0f ? NAN : 0.25f;
+}
+"""
+
+
+@dataclass(frozen=True)
+class Served:
+    server: LocalTriton
+    repo: Path
+    held_out: F32
+
+
+def _data(n: int = 3000, seed: int = 3) -> tuple[F32, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
+    y = (x[:, 0] + np.tanh(x[:, 1] * x[:, 2]) + 0.5 * rng.normal(size=n) > 0).astype(np.int8)
+    return x, y
+
+
+def _only(*names: str) -> Converter:
+    def convert(source: Source, workdir: Path, calib: F32) -> list[Built]:
+        return [b for b in converter_for(source)(source, workdir, calib) if b.name in names]
+
+    return convert
+
+
+def _switch(source: Source, workdir: Path, calib: F32) -> list[Built]:
+    """tl2cgen below 8 rows, lleaves from 8: the switch, with a fixed crossover."""
+    built = [b for b in converter_for(source)(source, workdir, calib) if isinstance(b, Candidate)]
+    pair = [b for b in built if b.name in ("tl2cgen", "lleaves")]
+    fig = {  # as measured on the example: tl2cgen wins one row, lleaves a batch
+        "tl2cgen": gate.Figures("tl2cgen", "tl2cgen", 0, 1, 5, 5, 5, 1e5, 0, 1, True),
+        "lleaves": gate.Figures("lleaves", "lleaves", 0, 1, 9, 9, 9, 3e5, 0, 1, True),
+    }
+    combo = composite.pair(pair, fig, workdir / "switch", calib, threshold_rows=8)
+    assert combo is not None
+    return [combo]
+
+
+def _build(root: Path) -> Path:
+    import lightgbm as lgb
+    import xgboost as xgb
+
+    from build_engines.sources.trees import from_lightgbm, from_xgboost
+
+    x, y = _data()
+    x_nan = x.copy()
+    x_nan[::7, 3] = np.nan
+    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "num_threads": 1, "seed": 1}
+    lgbm = lgb.train(params, lgb.Dataset(x[:2000], y[:2000]), num_boost_round=20)
+    lgbm_nan = lgb.train(params, lgb.Dataset(x_nan[:2000], y[:2000]), num_boost_round=20)
+    xgbm = xgb.train(
+        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1, "seed": 1},
+        xgb.DMatrix(x[:2000], label=y[:2000]),
+        num_boost_round=20,
+    )
+    models = {
+        "lgb_tl": (from_lightgbm(lgbm, name="lgb_tl"), x, _only("tl2cgen")),
+        "lgb_ll": (from_lightgbm(lgbm, name="lgb_ll"), x, _only("lleaves")),
+        "lgb_sw": (from_lightgbm(lgbm, name="lgb_sw"), x, _switch),
+        "lgb_nan": (
+            from_lightgbm(lgbm_nan, name="lgb_nan", allow_nan=True),
+            x_nan,
+            _only("tl2cgen"),
+        ),
+        "xgb_tl": (from_xgboost(xgbm, name="xgb_tl"), x, _only("tl2cgen")),
+    }
+    for name, (source, rows, convert) in models.items():
+        spec = ModelSpec(
+            name=name, gate=FAST, serving=ServingSpec(cpu_instances=2, max_batch_size=256)
+        )
+        build_model(
+            source, rows[2000:], spec, root / "repo", ("local",), root / "work",
+            echo=False, converter=convert,
+        )  # fmt: skip
+    return root / "repo" / "local"
+
+
+def _copy_model(repo: Path, src: str, dst: str) -> Path:
+    """``src`` published again under the name ``dst`` (re-sealed, as a publisher would)."""
+    shutil.copytree(repo / src, repo / dst)
+    cfg = repo / dst / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace(f'name: "{src}"', f'name: "{dst}"'))
+    m = manifest.read(repo / dst / "1")
+    manifest.write(repo / dst / "1", replace(m, model=dst))
+    seal.seal_model(repo / dst)
+    return repo / dst / "1"
+
+
+def _broken(repo: Path, tmp: Path) -> None:
+    """``lgb_tl`` with its library swapped for one that returns NaN, sealed by the publisher."""
+    folder = _copy_model(repo, "lgb_tl", "broken")
+    c_file = tmp / "broken.c"
+    c_file.write_text(BROKEN_C % (N_FEATURES, N_FEATURES))
+    lib = folder / "tl2cgen-forest.so"
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(c_file), "-lm"], check=True
+    )
+    m = manifest.read(folder)
+    manifest.write(folder, replace(m, files=manifest.hash_folder(folder)))
+    seal.seal_model(folder.parent)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    find_tritonserver()
+    folder, why = native_forest.available()
+    if folder is None:
+        pytest.skip(f"setsuna_forest cannot be built here: {why}")
+    root = tmp_path_factory.mktemp("native")
+    repo = _build(root)
+    _broken(repo, root)
+    for victim in ("t_byte", "t_planted", "t_missing", "t_symlink", "t_config"):
+        _copy_model(repo, "lgb_tl", victim)  # loaded (and refused) by the tests
+    x, _ = _data(seed=11)
+    loaded = ("lgb_tl", "lgb_ll", "lgb_sw", "lgb_nan", "xgb_tl", "broken")
+    with LocalTriton.on_free_ports(repo, load_models=loaded, log_path=root / "triton.log") as srv:
+        yield Served(srv, repo, x[:600])
+
+
+def _infer(
+    served: Served, model: str, x: np.ndarray, parameters: dict[str, int] | None = None
+) -> np.ndarray:
+    grpc = tritonclient_grpc
+    with grpc.InferenceServerClient(served.server.grpc_url) as client:
+        inp = grpc.InferInput("features", list(x.shape), grpc.np_to_triton_dtype(x.dtype))
+        inp.set_data_from_numpy(x)
+        out = client.infer(model, [inp], parameters=parameters).as_numpy("score")
+        return np.asarray(out)
+
+
+def _engine(served: Served, model: str) -> runtime.Engine:
+    folder = served.repo / model / "1"
+    m = manifest.verify(folder)
+    return runtime.load(m.engine, folder, m.engine_params)
+
+
+@pytest.mark.parametrize("model", ["lgb_tl", "lgb_ll", "lgb_sw", "xgb_tl"])
+def test_published_on_the_native_backend_without_a_wrapper(served: Served, model: str) -> None:
+    cfg = model_config.load(served.repo / model / "config.pbtxt", name=model)
+    assert cfg.backend == native_forest.BACKEND
+    assert not (served.repo / model / "1" / "model.py").exists()
+
+
+@pytest.mark.parametrize("model", ["lgb_tl", "lgb_ll", "lgb_sw", "xgb_tl", "lgb_nan"])
+def test_served_scores_are_bit_identical_to_the_in_process_engine(
+    served: Served, model: str
+) -> None:
+    x = served.held_out.copy()
+    if model == "lgb_nan":
+        x[::5, 3] = np.nan
+    engine = _engine(served, model)
+    for rows in (x[:1], x[:7], x[:8], x[:256]):  # both sides of the switch's crossover
+        np.testing.assert_array_equal(_infer(served, model, rows), engine.predict(rows))
+
+
+def test_nan_is_refused_naming_row_and_column_and_the_server_serves_on(served: Served) -> None:
+    x = served.held_out[:3].copy()
+    x[2, 5] = np.inf
+    name = manifest.read(served.repo / "lgb_tl" / "1").schema.names[5]
+    refused = rf"row 2, column 5 \({name}\).*allow_nan"
+    with pytest.raises(InferenceServerException, match=refused) as e:
+        _infer(served, "lgb_tl", x)
+    assert "INVALID_ARG" in str(e.value.status())
+    assert _infer(served, "lgb_tl", x[:2]).shape == (2, 1)
+
+
+def test_a_nan_request_fails_alone_in_a_batch_of_concurrent_good_ones(served: Served) -> None:
+    x = served.held_out
+    engine = _engine(served, "lgb_tl")
+    bad = x[:2].copy()
+    bad[1, 0] = np.nan
+
+    def call(i: int) -> np.ndarray | str:
+        try:
+            return _infer(served, "lgb_tl", bad if i == 17 else x[i : i + 2])
+        except InferenceServerException as exc:
+            return str(exc)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(64)))
+    for i, got in enumerate(results):
+        if i == 17:
+            assert isinstance(got, str) and "row 1, column 0" in got
+        else:
+            assert isinstance(got, np.ndarray), got
+            np.testing.assert_array_equal(got, engine.predict(x[i : i + 2]))
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (np.zeros((2, N_FEATURES + 1), dtype=np.float32), "shape"),
+        (np.zeros((2, N_FEATURES), dtype=np.float64), "FP64"),
+        (np.zeros((257, N_FEATURES), dtype=np.float32), "batch-size must be <= 256"),
+    ],
+)
+def test_wrong_shape_dtype_or_oversized_batch_is_refused(
+    served: Served, x: np.ndarray, match: str
+) -> None:
+    with pytest.raises(InferenceServerException, match=match):
+        _infer(served, "xgb_tl", x)
+    assert _infer(served, "xgb_tl", served.held_out[:1]).shape == (1, 1)
+
+
+def test_an_engine_failure_fails_its_requests_visibly(served: Served) -> None:
+    x = np.zeros((3, N_FEATURES), dtype=np.float32)
+    np.testing.assert_array_equal(_infer(served, "broken", x), np.full((3, 1), 0.25, np.float32))
+    x[1, 0] = 1000.0
+    with pytest.raises(InferenceServerException, match=r"engine failed: .*non-finite score"):
+        _infer(served, "broken", x)
+    assert _infer(served, "broken", x[:1]).shape == (1, 1)  # the instance serves on
+
+
+def test_a_request_past_its_deadline_is_shed_not_computed(served: Served) -> None:
+    url = served.server.metrics_url
+    before = sum(metric_series(url, "setsuna_shed_total", model="lgb_ll"))
+    past = deadline.parameters(-0.001)
+    with pytest.raises(InferenceServerException, match=deadline.SHED_MARK) as e:
+        _infer(served, "lgb_ll", served.held_out[:1], parameters=past)
+    assert "UNAVAILABLE" in str(e.value.status())
+    wait_until(
+        "the shed counter",
+        lambda: sum(metric_series(url, "setsuna_shed_total", model="lgb_ll")) == before + 1,
+    )
+    later = deadline.parameters(5.0)
+    assert _infer(served, "lgb_ll", served.held_out[:1], parameters=later).shape == (1, 1)
+
+
+def test_instances_serve_concurrently_without_mixing_answers(served: Served) -> None:
+    x = served.held_out
+    engine = _engine(served, "lgb_sw")
+
+    def call(i: int) -> bool:
+        rows = x[i % 500 : i % 500 + 1 + i % 13]
+        return bool(np.array_equal(_infer(served, "lgb_sw", rows), engine.predict(rows)))
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(call, range(400)))
+
+
+def _stubs_for(repo: Path) -> list[str]:
+    """Command lines of Python-backend stubs serving a model of ``repo``."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"triton_python_backend_stub"):
+            out.append(b" ".join(argv).decode(errors="replace"))
+    return [a for a in out if str(repo) in a]
+
+
+def test_native_models_run_inside_the_server_process(served: Served) -> None:
+    assert _stubs_for(served.repo) == []  # two instances of six models, no stub process
+
+
+def _load_refused(served: Served, model: str, match: str) -> None:
+    grpc = tritonclient_grpc
+    with grpc.InferenceServerClient(served.server.grpc_url) as client:
+        with pytest.raises(InferenceServerException, match=match):
+            client.load_model(model, headers=served.server.grpc_admin_headers)
+        assert not client.is_model_ready(model)
+        assert client.is_model_ready("lgb_tl")  # the good models keep serving
+
+
+def test_a_modified_library_refuses_to_load(served: Served) -> None:
+    lib = served.repo / "t_byte" / "1" / "tl2cgen-forest.so"
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    _load_refused(served, "t_byte", r"sha256 of tl2cgen-forest\.so does not match")
+
+
+def test_a_planted_file_refuses_to_load(served: Served) -> None:
+    (served.repo / "t_planted" / "1" / "libextra.so").write_bytes(b"\x7fELF")
+    _load_refused(served, "t_planted", r"libextra\.so is not in the seal")
+
+
+def test_a_missing_file_refuses_to_load(served: Served) -> None:
+    (served.repo / "t_missing" / "1" / "tl2cgen-forest.so").unlink()
+    _load_refused(served, "t_missing", r"missing.*tl2cgen-forest\.so")
+
+
+def test_a_symlinked_library_refuses_to_load(served: Served) -> None:
+    lib = served.repo / "t_symlink" / "1" / "tl2cgen-forest.so"
+    real = served.repo / "elsewhere.so"
+    shutil.move(lib, real)
+    lib.symlink_to(real)
+    _load_refused(served, "t_symlink", r"tl2cgen-forest\.so")
+
+
+def test_an_edited_config_refuses_to_load(served: Served) -> None:
+    cfg = served.repo / "t_config" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace("count: 2", "count: 3"))
+    _load_refused(served, "t_config", r"config\.pbtxt")
+
+
+def test_the_server_reports_statistics_for_native_models(served: Served) -> None:
+    _infer(served, "xgb_tl", served.held_out[:4])
+    grpc = tritonclient_grpc
+    with grpc.InferenceServerClient(served.server.grpc_url) as client:
+        stats = client.get_inference_statistics("xgb_tl", as_json=True)
+    success = stats["model_stats"][0]["inference_stats"]["success"]
+    assert int(success["count"]) >= 1
