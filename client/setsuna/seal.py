@@ -183,9 +183,16 @@ def _sha256_file(path: Path) -> str:
 
 
 def _files(folder: Path) -> Iterable[Path]:
-    """Every entry under ``folder`` but the seal; a symlink or special file is listed too."""
+    """Every entry under ``folder`` but the seal; a symlink or special file is listed too.
+
+    A symlink to a directory is listed, not skipped: ``rglob`` does not descend
+    into it, so skipping it as a directory would let a ``__pycache__`` linked
+    to a folder outside (holding a ``model.*.pyc``) pass unseen.
+    """
     for path in sorted(folder.rglob("*")):
-        if path.relative_to(folder).as_posix() == SEAL_NAME or path.is_dir():
+        if path.relative_to(folder).as_posix() == SEAL_NAME:
+            continue
+        if path.is_dir() and not path.is_symlink():
             continue
         yield path
 

@@ -156,3 +156,14 @@ def test_an_engine_file_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     (tmp_path / "forest.so").symlink_to("/usr/lib/x86_64-linux-gnu/libc.so.6")
     with pytest.raises(EngineError, match="is a link"):
         runtime.load("tl2cgen", tmp_path, {"lib": "forest.so"})
+
+
+def test_a_symlinked_directory_is_refused(tmp_path: Path, keys: Ed25519PrivateKey) -> None:
+    # rglob does not descend into a linked directory: it must not pass as "a directory".
+    version = _engine_folder(tmp_path / "repo")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.cpython-311.pyc").write_bytes(b"planted")
+    (version / "__pycache__").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(TamperedArtifactError, match="__pycache__"):
+        seal.verify_version(version)
