@@ -17,21 +17,32 @@ export; one slower than 450 ms (``perf_analyzer.STALL_LATENCY_US``, the
 dynamic batcher's 500 ms sleep) or refused by a queue timeout is a stall, and
 the target is none. Writes nothing but a JSON summary in
 ``.cache/perf/targets.json``.
+
+Forests are published on ``setsuna_forest`` (the native backend): the
+native targets (gRPC c=1 p99 <= 0.5 ms; c=32 >= 15,000 infer/s with p99 <= 5
+ms) are judged beside the Python-backend ones, and the engines' memory is
+measured again with every native forest republished on the Python wrapper
+(a sealed copy in a temporary repository, ``--no-wrapper-memory`` skips it),
+so the two figures come from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from build_engines.repository import WRAPPER
 from build_engines.tuning import perf_analyzer as pa
 from build_engines.tuning.inputs import input_rows
-from setsuna import manifest
+from setsuna import manifest, model_config, native_forest, seal
 from setsuna.server import LocalTriton, ServerSettings
 
 OUT = Path(".cache/perf")
@@ -94,6 +105,35 @@ def measure_memory(pid: int) -> Memory:
 STALL_KEY = "grpc c=1 stall run"
 
 
+def wrapper_copy(repo: Path, models: tuple[str, ...], dest: Path) -> tuple[str, ...]:
+    """``models`` copied into ``dest`` with every native forest on the Python wrapper.
+
+    The copy is what ``make build-engines`` writes with ``SETSUNA_NATIVE=0``:
+    ``backend: "python"``, the wrapper's ``model.py`` listed in the manifest,
+    and sealed again with the publisher's key. Returns the models that moved.
+    """
+    moved = []
+    for name in models:
+        shutil.copytree(repo / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        cfg_path = dest / name / model_config.CONFIG_NAME
+        cfg = model_config.load(cfg_path, name=name)
+        if cfg.backend != native_forest.BACKEND:
+            continue
+        version = dest / name / "1"
+        m = manifest.read(version)
+        text = cfg_path.read_text().replace(
+            f'backend: "{native_forest.BACKEND}"', 'backend: "python"'
+        )
+        cfg_path.write_text(text)
+        (version / "model.py").write_text(
+            WRAPPER.format(model=name, engine=m.engine, candidate=m.candidate)
+        )
+        manifest.write(version, dataclasses.replace(m, files=manifest.hash_folder(version)))
+        seal.seal_model(dest / name)
+        moved.append(name)
+    return tuple(moved)
+
+
 def stall_check(
     run: pa.RunResult | None, seconds: float, others: dict[str, pa.RunResult]
 ) -> tuple[str, str, bool]:
@@ -128,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=STALL_SECONDS,
         help="length of the c=1 gRPC stall run (0: skip it; the target then reads MISS)",
+    )
+    p.add_argument(
+        "--no-wrapper-memory",
+        action="store_true",
+        help="skip measuring the engines' memory with the forests on the Python wrapper",
     )
     args = p.parse_args(argv)
     if not args.stall_seconds >= 0:
@@ -202,7 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     # Every model of the repository, as `make serve` loads it: the memory target.
     with LocalTriton.on_free_ports(args.model_repository) as server:
         all_memory = measure_memory(server.pid or 0)
+    wrapper_memory: Memory | None = None
+    moved: tuple[str, ...] = ()
+    if not args.no_wrapper_memory:
+        with tempfile.TemporaryDirectory(prefix="setsuna-wrapper-") as tmp:
+            moved = wrapper_copy(args.model_repository, engines, Path(tmp))
+            if moved:
+                with LocalTriton.on_free_ports(Path(tmp), load_models=engines) as server:
+                    wrapper_memory = measure_memory(server.pid or 0)
     print(f"  memory, the engines alone: {engines_memory.describe()}")
+    if wrapper_memory is not None:
+        print(
+            f"  the same, {len(moved)} forests on the Python wrapper: {wrapper_memory.describe()}"
+        )
     print(f"  memory, every model:       {all_memory.describe()}")
     checks: list[tuple[str, str, bool]] = []
 
@@ -214,6 +271,28 @@ def main(argv: list[str] | None = None) -> int:
         r = row(key)
         ok = r is not None and r.p99_us <= 1000
         checks.append((f"{key} p99 <= 1.0 ms", f"{r.p99_us / 1e3:.2f} ms" if r else "failed", ok))
+    native = (
+        model_config.load(
+            args.model_repository / MODEL / model_config.CONFIG_NAME, name=MODEL
+        ).backend
+        == native_forest.BACKEND
+    )
+    r = row("grpc c=1")
+    checks.append(
+        (
+            f"native backend ({'yes' if native else 'NO'}): grpc c=1 p99 <= 0.5 ms",
+            f"{r.p99_us / 1e3:.3f} ms (p50 {r.p50_us / 1e3:.3f})" if r else "failed",
+            native and r is not None and r.p99_us <= 500,
+        )
+    )
+    r = row("grpc c=32")
+    checks.append(
+        (
+            "native backend: grpc c=32 >= 15,000 infer/s with p99 <= 5 ms",
+            f"{r.throughput_infer_s:,.0f} infer/s, p99 {r.p99_us / 1e3:.2f} ms" if r else "failed",
+            native and r is not None and r.throughput_infer_s >= 15_000 and r.p99_us <= 5_000,
+        )
+    )
     for key in ("grpc c=32", "http c=32"):
         r = row(key)
         ok = r is not None and r.throughput_infer_s >= 10_000 and r.p99_us <= 10_000
@@ -239,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
             all_memory.pss_mb <= 300,
         )
     )
+    if wrapper_memory is not None:
+        checks.append(
+            (
+                "engines' memory on setsuna_forest below the Python wrapper's (same run, PSS)",
+                f"{engines_memory.pss_mb:.0f} MB native vs {wrapper_memory.pss_mb:.0f} MB with "
+                f"{len(moved)} forests ({', '.join(moved)}) on the wrapper "
+                f"({engines_memory.pss_mb / wrapper_memory.pss_mb:.2f}x)",
+                engines_memory.pss_mb < wrapper_memory.pss_mb,
+            )
+        )
     checks.append(stall_check(results.get(STALL_KEY), args.stall_seconds, results))
     print("== targets (lightgbm, tuned, client on the same cores) ==")
     for what, got, ok in checks:
@@ -250,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": {k: r.to_json() for k, r in results.items()},
                 "memory": {
                     "engines": engines_memory.to_json(),
+                    "engines_forests_on_wrapper": (
+                        None if wrapper_memory is None else wrapper_memory.to_json()
+                    ),
                     "every_model": all_memory.to_json(),
                 },
                 "checks": [{"target": w, "measured": g, "pass": ok} for w, g, ok in checks],

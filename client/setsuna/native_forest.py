@@ -144,7 +144,7 @@ def unsupported(engine: str, params: Mapping[str, Any]) -> str:
         whys = [unsupported(str(p.get("engine")), p.get("params", {})) for p in parts if p]
         return "; ".join(w for w in whys if w)
     if engine not in ENGINES:
-        return f"engine {engine!r} (setsuna_forest serves {', '.join(ENGINES)} and their switch)"
+        return f"engine {engine!r}: setsuna_forest serves {', '.join(ENGINES)} and their switch"
     if int(params.get("threads", 1)) != 1:
         threads = params.get("threads")
         return f"{engine} with threads={threads} (setsuna_forest runs one thread per instance)"

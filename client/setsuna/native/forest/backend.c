@@ -365,22 +365,24 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceFinalize(
 
 /* ------------------------------------------------------------------ execute */
 
+/* realloc *p to n elements of size each; *p is kept (and -1 returned) on failure. */
+static int grow_array(void* p, size_t n, size_t size) {
+  void* next = realloc(*(void**)p, n * size);
+  if (next == NULL) return -1;
+  *(void**)p = next;
+  return 0;
+}
+
 static int reserve_requests(instance_state* s, uint32_t n) {
   if (n <= s->cap_requests) return 0;
-  void* p[6] = {realloc(s->responses, n * sizeof *s->responses),
-                NULL, NULL, NULL, NULL, NULL};
-  if (p[0] == NULL) return -1;
-  s->responses = p[0];
-  if ((p[1] = realloc(s->inputs, n * sizeof *s->inputs)) == NULL) return -1;
-  s->inputs = p[1];
-  if ((p[2] = realloc(s->rows, n * sizeof *s->rows)) == NULL) return -1;
-  s->rows = p[2];
-  if ((p[3] = realloc(s->buffers, n * sizeof *s->buffers)) == NULL) return -1;
-  s->buffers = p[3];
-  if ((p[4] = realloc(s->status, n)) == NULL) return -1;
-  s->status = p[4];
-  if ((p[5] = realloc(s->success, n)) == NULL) return -1;
-  s->success = p[5];
+  if (grow_array(&s->responses, n, sizeof *s->responses) != 0 ||
+      grow_array(&s->inputs, n, sizeof *s->inputs) != 0 ||
+      grow_array(&s->rows, n, sizeof *s->rows) != 0 ||
+      grow_array(&s->buffers, n, sizeof *s->buffers) != 0 ||
+      grow_array(&s->status, n, sizeof *s->status) != 0 ||
+      grow_array(&s->success, n, sizeof *s->success) != 0) {
+    return -1; /* the arrays that grew stay valid; capacity is still the old one */
+  }
   s->cap_requests = n;
   return 0;
 }
