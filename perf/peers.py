@@ -787,6 +787,49 @@ def _ratios(results: list[PeerResult], concurrencies: Sequence[int]) -> None:
             }
 
 
+#: The native-backend targets (issue 13), against the hand-written FastAPI + ONNX Runtime.
+TARGET_PEER: Final = "fastapi-ort"
+
+
+def targets(results: list[PeerResult]) -> list[dict[str, Any]]:
+    """setsuna against FastAPI + ONNX Runtime, same run: c=1 p50 <= 0.7x and p99 below
+    its p99, c=32 >= 2x its req/s. Empty when either was not measured."""
+    mine = next((r for r in results if r.name == "setsuna" and r.status == "ok"), None)
+    peer = next((r for r in results if r.name == TARGET_PEER and r.status == "ok"), None)
+    if mine is None or peer is None:
+        return []
+    out: list[dict[str, Any]] = []
+    one, one_peer = mine.run_at(1), peer.run_at(1)
+    if one and one_peer:
+        ratio = one["p50_ms"] / one_peer["p50_ms"]
+        out.append(
+            {
+                "target": "c=1 p50 <= 0.7x FastAPI + ONNX Runtime's",
+                "measured": f"{one['p50_ms']:.3f} vs {one_peer['p50_ms']:.3f} ms ({ratio:.2f}x)",
+                "pass": ratio <= 0.7,
+            }
+        )
+        out.append(
+            {
+                "target": "c=1 p99 below FastAPI + ONNX Runtime's",
+                "measured": f"{one['p99_ms']:.3f} vs {one_peer['p99_ms']:.3f} ms",
+                "pass": one["p99_ms"] < one_peer["p99_ms"],
+            }
+        )
+    many, many_peer = mine.run_at(32), peer.run_at(32)
+    if many and many_peer and many_peer["req_per_s"]:
+        ratio = many["req_per_s"] / many_peer["req_per_s"]
+        out.append(
+            {
+                "target": "c=32 >= 2x FastAPI + ONNX Runtime's req/s",
+                "measured": f"{many['req_per_s']:,.0f} vs {many_peer['req_per_s']:,.0f} req/s "
+                f"({ratio:.2f}x)",
+                "pass": ratio >= 2.0,
+            }
+        )
+    return out
+
+
 def _f(v: Any, fmt: str = ".2f") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -831,6 +874,11 @@ def markdown(report: dict[str, Any]) -> str:
                 _f(vs.get("req_per_s")),
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    checks = report.get("targets") or []
+    if checks:
+        lines += ["", "## Targets (setsuna vs FastAPI + ONNX Runtime, this run)", ""]
+        lines += [f"- **{'PASS' if c['pass'] else 'MISS'}** {c['target']}: {c['measured']}"
+                  for c in checks]  # fmt: skip
     lines += [
         "",
         "## Against setsuna (this peer / setsuna, same concurrency)",
@@ -1038,10 +1086,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "versions": {name: _version(name) for name in VERSIONED},
         "peers": [r.__dict__ for r in results],
+        "targets": targets(results),
     }
     (out / "peers.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "peers.md").write_text(markdown(report))
     _print_table(results, concurrencies)
+    for c in report["targets"]:
+        print(f"{'PASS' if c['pass'] else 'MISS'}  {c['target']}: {c['measured']}")
     print(
         f"\nwrote {out / 'peers.json'} and {out / 'peers.md'} "
         f"in {(time.monotonic() - started) / 60:.1f} min",

@@ -249,8 +249,9 @@ def test_an_engine_failure_fails_its_requests_visibly(served: Served) -> None:
     x = np.zeros((3, N_FEATURES), dtype=np.float32)
     np.testing.assert_array_equal(_infer(served, "broken", x), np.full((3, 1), 0.25, np.float32))
     x[1, 0] = 1000.0
-    with pytest.raises(InferenceServerException, match=r"engine failed: .*non-finite score"):
+    with pytest.raises(InferenceServerException, match=r"engine failed: .*non-finite score") as e:
         _infer(served, "broken", x)
+    assert "INTERNAL" in str(e.value.status())
     assert _infer(served, "broken", x[:1]).shape == (1, 1)  # the instance serves on
 
 

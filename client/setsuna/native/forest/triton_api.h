@@ -7,8 +7,11 @@
    checks the server's API version against SF_API_MAJOR/SF_API_MINOR at load,
    so a server whose ABI this file does not describe refuses the backend with
    a message instead of calling into it. Enum values are fixed by the C ABI
-   (declaration order in the public header); a test greps them back out of a
-   fetched copy of the header where one is available. */
+   (declaration order in the public header). Tests hold both to the real
+   server: tests/setsuna/test_native_forest.py checks that the wheel's
+   libtritonserver exports every function declared here, and the served tests
+   observe each value used (FP32 requests served; INVALID_ARGUMENT,
+   UNAVAILABLE and INTERNAL statuses; the shed counter). */
 #ifndef SETSUNA_FOREST_TRITON_API_H
 #define SETSUNA_FOREST_TRITON_API_H
 
