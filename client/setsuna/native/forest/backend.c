@@ -481,7 +481,6 @@ static TRITONSERVER_Error* check_request(instance_state* s, TRITONBACKEND_Reques
                   "(%d features: %s%s)",
                   m->name, text, f, f, m->manifest.feature_names[0], f > 1 ? ", ..." : "");
   }
-  int64_t element = 0;
   for (uint32_t b = 0; b < buffers; ++b) {
     const void* base = NULL;
     uint64_t size = 0;
@@ -495,26 +494,28 @@ static TRITONSERVER_Error* check_request(instance_state* s, TRITONBACKEND_Reques
                     "CPU: send it from host memory",
                     m->name);
     }
-    if (!m->manifest.allow_nan) {
-      const float* v = (const float*)base;
-      uint64_t n = size / sizeof(float);
-      for (uint64_t i = 0; i < n; ++i) {
-        if (!isfinite(v[i])) {
-          int64_t at = element + (int64_t)i;
-          return errorf(SF_ERROR_INVALID_ARG,
-                        "%s: input '" INPUT_NAME "': non-finite value %g at row %lld, column "
-                        "%lld (%s): this model was built without allow_nan; clean or impute the "
-                        "features before inference",
-                        m->name, (double)v[i], (long long)(at / f), (long long)(at % f),
-                        m->manifest.feature_names[at % f]);
-        }
-      }
-    }
-    element += (int64_t)(size / sizeof(float));
   }
   s->inputs[r] = input;
   s->rows[r] = shape[0];
   s->buffers[r] = buffers;
+  return NULL;
+}
+
+/* The NaN policy on one request's rows, contiguous (Triton may split an input into
+   buffers at any byte, so the scan runs after the gather, never per buffer). */
+static TRITONSERVER_Error* check_finite(const model_state* m, const float* x, int64_t rows) {
+  const int f = m->manifest.n_features;
+  const int64_t n = rows * f;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!isfinite(x[i])) {
+      return errorf(SF_ERROR_INVALID_ARG,
+                    "%s: input '" INPUT_NAME "': non-finite value %g at row %lld, column %lld "
+                    "(%s): this model was built without allow_nan; clean or impute the features "
+                    "before inference",
+                    m->name, (double)x[i], (long long)(i / f), (long long)(i % f),
+                    m->manifest.feature_names[i % f]);
+    }
+  }
   return NULL;
 }
 
@@ -612,33 +613,52 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
     if (e != NULL) TRITONSERVER_ErrorDelete(e);
   }
   uint64_t compute_start = now_ns(CLOCK_MONOTONIC), compute_end = compute_start;
+  const float* x = NULL;
+  float* y = NULL;
+  TRITONSERVER_Error* fail = NULL;
+  const int direct = good == 1 && s->buffers[only] == 1;
+  if (direct) { /* one request, one buffer: Triton's buffers in and out, no copy */
+    const void* base = NULL;
+    uint64_t size = 0;
+    int memory = SF_MEMORY_CPU;
+    int64_t memory_id = 0;
+    fail = TRITONBACKEND_InputBuffer(s->inputs[only], 0, &base, &size, &memory, &memory_id);
+    x = (const float*)base;
+    if (fail == NULL && !m->manifest.allow_nan) {
+      TRITONSERVER_Error* refusal = check_finite(m, x, s->rows[only]);
+      if (refusal != NULL) {
+        send(s->responses[only], refusal);
+        s->status[only] = REQ_DONE;
+        good = 0;
+      }
+    }
+    if (fail == NULL && good == 1) y = output_buffer(s->responses[only], total, &fail);
+  } else if (good > 0 && reserve_rows(s, total, f) != 0) {
+    fail = errorf(SF_ERROR_INTERNAL, "%s: out of memory for a %lld-row batch", m->name,
+                  (long long)total);
+  } else if (good > 0) {
+    /* Gather the good requests' rows; a request refused by the NaN check is
+       dropped by writing the next one over it. */
+    int64_t at = 0;
+    for (uint32_t r = 0; r < n_requests; ++r) {
+      if (s->status[r] != REQ_GOOD) continue;
+      gather(s, r, s->x + at * f);
+      TRITONSERVER_Error* refusal =
+          m->manifest.allow_nan ? NULL : check_finite(m, s->x + at * f, s->rows[r]);
+      if (refusal != NULL) {
+        send(s->responses[r], refusal);
+        s->status[r] = REQ_DONE;
+        --good;
+        continue;
+      }
+      at += s->rows[r];
+    }
+    total = at;
+    x = s->x;
+    y = s->y;
+  }
   if (good > 0) {
     char why[SF_ERR] = "";
-    const float* x = NULL;
-    float* y = NULL;
-    TRITONSERVER_Error* fail = NULL;
-    const int direct = good == 1 && s->buffers[only] == 1;
-    if (direct) { /* one request, one buffer: Triton's buffers in and out, no copy */
-      const void* base = NULL;
-      uint64_t size = 0;
-      int memory = SF_MEMORY_CPU;
-      int64_t memory_id = 0;
-      fail = TRITONBACKEND_InputBuffer(s->inputs[only], 0, &base, &size, &memory, &memory_id);
-      x = (const float*)base;
-      if (fail == NULL) y = output_buffer(s->responses[only], total, &fail);
-    } else if (reserve_rows(s, total, f) != 0) {
-      fail = errorf(SF_ERROR_INTERNAL, "%s: out of memory for a %lld-row batch", m->name,
-                    (long long)total);
-    } else {
-      int64_t at = 0;
-      for (uint32_t r = 0; r < n_requests; ++r) {
-        if (s->status[r] != REQ_GOOD) continue;
-        gather(s, r, s->x + at * f);
-        at += s->rows[r];
-      }
-      x = s->x;
-      y = s->y;
-    }
     compute_start = now_ns(CLOCK_MONOTONIC);
     if (fail == NULL && sf_engine_run(&m->engine, &s->scratch, x, total, y, why, sizeof why) != 0) {
       fail = errorf(SF_ERROR_INTERNAL, "%s: engine failed: %s", m->name, why);
