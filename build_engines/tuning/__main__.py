@@ -232,6 +232,7 @@ def _choose_again(reports: list[dict[str, Any]], settings: Settings, stalled: se
                 allow_cache=settings.allow_cache,
                 allow_batching_off=settings.allow_batching_off,
                 stalled_elsewhere=stalled,
+                instances_are_threads=r["_instances_are_threads"],
             )
             r["choice"] = choice_json(r["_choice"], settings.protocol)
             print(f"== {r['model']}: re-chose {r['choice']['variant']} (a later model stalled it)")

@@ -39,7 +39,7 @@ from build_engines.tuning.inputs import input_rows
 from build_engines.tuning.results import VariantResult, variant_json
 from build_engines.tuning.served import ServedModel
 from build_engines.tuning.variants import Variant
-from setsuna import seal
+from setsuna import native_forest, seal
 from setsuna.errors import ConfigError, SetsunaError
 from setsuna.model_config import CONFIG_NAME
 from setsuna.schema import INPUT_NAME
@@ -264,6 +264,8 @@ class Sweep:
             results.append(vr)
         self.stalled |= {vr.variant.name for vr in results if vr.stalled}
 
+        threads, _ = native_forest.choose(model.manifest.engine, model.manifest.engine_params)
+
         def pick() -> Choice:
             return choose(
                 results,
@@ -272,6 +274,7 @@ class Sweep:
                 allow_cache=s.allow_cache,
                 allow_batching_off=s.allow_batching_off,
                 stalled_elsewhere=self.stalled,
+                instances_are_threads=threads,
             )
 
         choice = pick()
@@ -301,4 +304,5 @@ class Sweep:
             "choice": choice_json(choice, s.protocol),
             "_results": results,
             "_choice": choice,
+            "_instances_are_threads": threads,
         }

@@ -88,6 +88,18 @@ def test_among_ties_fewer_instances_win_before_latency() -> None:
     assert choice.variant is two and "fewest instances" in choice.why
 
 
+def test_on_the_native_backend_ties_go_to_the_instance_count_nearest_the_cores() -> None:
+    # An instance of setsuna_forest is a thread, not a process: among tied variants
+    # the one with an instance per core wins (large batches then run side by side).
+    one = _result(VARIANTS["db100-1i"], (1, 2000, 0.7), (32, 9000, 6.0))
+    two = _result(VARIANTS["default"], (1, 2000, 0.9), (32, 8800, 6.0))
+    four = _result(VARIANTS["db100-4i"], (1, 2000, 0.6), (32, 9100, 6.0))
+    choice = choose([one, two, four], "grpc", 10_000, instances_are_threads=True, cores=2)
+    assert choice.variant is two and "nearest the 2 cores" in choice.why
+    assert choose([one, two, four], "grpc", 10_000).variant is one  # processes: fewest
+    assert choose([one, four], "grpc", 10_000, instances_are_threads=True, cores=2).variant is one
+
+
 def test_an_instance_must_buy_more_than_the_run_to_run_spread() -> None:
     """A process that adds 15 % on this host's noisy figures is not kept; one that adds 30 % is."""
     one = _result(VARIANTS["db100-1i"], (1, 2000, 0.8), (32, 8500, 6.0))
