@@ -12,7 +12,8 @@ then SIGKILL of the group, then of any process of its tree still alive):
 
 ``setsuna``
     the local repository's ``lightgbm`` model as ``make build-engines`` built it
-    (Python backend running the compiled tree engine, its dynamic batching and
+    (the compiled tree engine on ``setsuna_forest``, setsuna's native backend, or
+    on the Python backend where that cannot be built; its dynamic batching and
     instances), served by the wheel's ``tritonserver`` through
     :class:`setsuna.server.LocalTriton`. The response cache is left off (no
     ``--cache-config``): the rows are distinct, and a cache would only turn
@@ -567,7 +568,7 @@ def _started(child: ChildServer, ctx: Context) -> Running:
 PEERS: Final = (
     PeerSpec(
         "setsuna",
-        "setsuna (Triton, Python backend + compiled trees)",
+        "setsuna (Triton, compiled trees on its backend: setsuna_forest, else Python)",
         "model_repository/local/lightgbm as `make build-engines` built it, served by the "
         "nvidia-pytriton wheel's tritonserver via setsuna.server.LocalTriton; response cache "
         "off (no --cache-config)",

@@ -314,11 +314,18 @@ def main(argv: list[str] | None = None) -> int:
     checks.append(
         ("1,024-row requests >= 150,000 rows/s", f"{best[1]:,.0f} ({best[0]})", best[1] >= 150_000)
     )
-    n_models = len(all_memory.per_model) - 1
+    n_models = sum(1 for p in args.model_repository.iterdir() if (p / "config.pbtxt").is_file())
+    n_native = sum(
+        1
+        for p in args.model_repository.iterdir()
+        if (p / "config.pbtxt").is_file()
+        and f'backend: "{native_forest.BACKEND}"' in (p / "config.pbtxt").read_text()
+    )
     checks.append(
         (
             "server memory, every example and ensemble loaded (all processes, PSS) <= 300 MB",
-            f"{all_memory.pss_mb:.0f} MB PSS for {n_models} models "
+            f"{all_memory.pss_mb:.0f} MB PSS for {n_models} models ({n_native} of them "
+            f"{native_forest.BACKEND} threads inside tritonserver) "
             f"({all_memory.rss_mib * 1.048576:.0f} MB RSS summed); the {len(engines)} engines "
             f"alone {engines_memory.pss_mb:.0f} MB",
             all_memory.pss_mb <= 300,

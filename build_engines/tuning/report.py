@@ -50,8 +50,9 @@ def markdown(doc: dict[str, Any], plots: dict[str, str], plot_note: str) -> str:
         f"budget), time windows of {s.window_ms} ms, stability {s.stability_pct:g} %. "
         f"Server response cache {CACHE_BYTES // 1024} KiB (far fewer entries than rows: "
         "cache-variant figures are misses). Choice: highest throughput at any level with "
-        f"p99 within the model's budget; within {TIE_SHARE:.0%} of it, fewest instances, "
-        f"then lowest c=1 p99. Not eligible: c=1 p99 over {C1_BUDGET_P99_US / 1000:g} ms"
+        f"p99 within the model's budget; within {TIE_SHARE:.0%} of it, fewest instances "
+        "(on setsuna_forest: nearest the cores), then lowest c=1 p50, then p99. "
+        f"Not eligible: c=1 p99 over {C1_BUDGET_P99_US / 1000:g} ms"
         + ("" if s.allow_batching_off else ", batching off (the baseline)")
         + ("" if s.allow_cache else ", the response cache")
         + ". "

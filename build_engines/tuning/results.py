@@ -101,6 +101,11 @@ class VariantResult:
         row = pts[0].row if pts else None
         return row.p99_us if row is not None else math.inf
 
+    def c1_p50_us(self, protocol: str) -> float:
+        pts = self.sweep(protocol)
+        row = pts[0].row if pts else None
+        return row.p50_us if row is not None else math.inf
+
 
 def throughput(r: pa.RunResult) -> float:
     """Rows per second of a run; 0 for one that reported nothing."""
