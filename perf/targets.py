@@ -107,6 +107,45 @@ def measure_memory(pid: int) -> Memory:
 STALL_KEY = "grpc c=1 stall run"
 
 
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """CPU seconds of the server's process tree and of the whole host, and requests answered."""
+
+    server_s: float
+    host_busy_s: float
+    answered: float
+
+
+def _cpu_snapshot(pid: int, metrics_url: str) -> CpuSnapshot:
+    import urllib.request
+
+    root = psutil.Process(pid)
+    server = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        t = p.cpu_times()
+        server += t.user + t.system
+    host = psutil.cpu_times()
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    answered = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("nv_inference_request_success{") and f'model="{MODEL}"' in line
+    )
+    return CpuSnapshot(server, host.user + host.system + host.nice, answered)
+
+
+def _cpu_per_request(a: CpuSnapshot, b: CpuSnapshot) -> str:
+    """Server and rest-of-host CPU per answered request over a run (the noise diagnosis:
+    the same build costs more CPU per request on a busier host)."""
+    n = b.answered - a.answered
+    if n <= 0:
+        return "no requests answered"
+    server = (b.server_s - a.server_s) / n * 1e6
+    rest = (b.host_busy_s - a.host_busy_s) / n * 1e6 - server
+    return f"CPU per request: server {server:.0f} us, rest of host {rest:.0f} us"
+
+
 def wrapper_copy(repo: Path, models: tuple[str, ...], dest: Path) -> tuple[str, ...]:
     """``models`` copied into ``dest`` with every native forest on the Python wrapper.
 
@@ -199,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         load_models=engines,
     )
     results: dict[str, pa.RunResult] = {}
+    cost: dict[str, str] = {}
     with LocalTriton(settings) as server:
         engines_memory = measure_memory(server.pid or 0)
 
@@ -226,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                 max_trials=max_trials,
                 timeout_s=timeout_s,
             )
+            before = _cpu_snapshot(server.pid or 0, server.metrics_url)
             results[key] = pa.run(binary, spec)
-            print(f"  {key:24} {pa.summarize([results[key]])}", flush=True)
+            cost[key] = _cpu_per_request(before, _cpu_snapshot(server.pid or 0, server.metrics_url))
+            print(f"  {key:24} {pa.summarize([results[key]])}; {cost[key]}", flush=True)
 
         go("grpc c=1", "grpc", 1)
         go("http c=1", "http", 1)
@@ -350,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "runs": {k: r.to_json() for k, r in results.items()},
+                "cpu_per_request": cost,
                 "memory": {
                     "engines": engines_memory.to_json(),
                     "engines_forests_on_wrapper": (
