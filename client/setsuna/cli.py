@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "setsuna.dataset",
     "setsuna.replay",
     "setsuna.audit",
+    "setsuna.models",
 )
 
 
