@@ -6,6 +6,7 @@ import hashlib
 import threading
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,50 @@ def build_logistic_models(root: Path, weights: dict[str, F32], x: F32) -> Path:
             echo=False,
         )
     return root / "local"
+
+
+def tabular(n: int = 3000, seed: int = 3, n_features: int = 8) -> tuple[F32, np.ndarray]:
+    """Rows and binary labels with a non-linear signal (features 0-2) and noise."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n_features)).astype(np.float32)
+    y = (x[:, 0] + np.tanh(x[:, 1] * x[:, 2]) + 0.5 * rng.normal(size=n) > 0).astype(np.int8)
+    return x, y
+
+
+@dataclass(frozen=True)
+class SmallForests:
+    """20-tree boosters trained on the first 2,000 rows of :func:`tabular`.
+
+    ``lgbm_nan`` saw feature 3 missing in every 7th row (``x_nan``), so it
+    learned a default direction for missing values.
+    """
+
+    x: F32
+    x_nan: F32
+    lgbm: Any
+    lgbm_nan: Any
+    xgbm: Any
+
+
+def small_forests() -> SmallForests:
+    import lightgbm as lgb
+    import xgboost as xgb
+
+    x, y = tabular()
+    x_nan = x.copy()
+    x_nan[::7, 3] = np.nan
+    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "num_threads": 1, "seed": 1}
+    return SmallForests(
+        x=x,
+        x_nan=x_nan,
+        lgbm=lgb.train(params, lgb.Dataset(x[:2000], y[:2000]), num_boost_round=20),
+        lgbm_nan=lgb.train(params, lgb.Dataset(x_nan[:2000], y[:2000]), num_boost_round=20),
+        xgbm=xgb.train(
+            {"objective": "binary:logistic", "max_depth": 3, "nthread": 1, "seed": 1},
+            xgb.DMatrix(x[:2000], label=y[:2000]),
+            num_boost_round=20,
+        ),
+    )
 
 
 def batch_dependent_onnx(path: Path, w: F32) -> Path:

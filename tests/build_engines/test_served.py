@@ -26,6 +26,7 @@ from build_engines.build import build_model, converter_for
 from build_engines.spec import ModelSpec
 from setsuna import manifest, runtime, seal
 from setsuna.server import LocalTriton, find_tritonserver
+from tests.helpers import small_forests
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -42,13 +43,6 @@ class Served:
 
 
 Fixture = tuple[LocalTriton, dict[str, Served]]
-
-
-def _tabular(n: int = 3000, seed: int = 3) -> tuple[F32, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
-    y = (x[:, 0] + np.tanh(x[:, 1] * x[:, 2]) + 0.5 * rng.normal(size=n) > 0).astype(np.int8)
-    return x, y
 
 
 def _only(keep: Callable[[str], bool]) -> Converter:
@@ -69,24 +63,13 @@ INT8 = _only(lambda name: name == "onnx-int8-static-keep-first")
 
 
 def _sources() -> dict[str, tuple[Source, F32]]:
-    import lightgbm as lgb
     import torch
-    import xgboost as xgb
 
     from build_engines.sources.neural import from_torch
     from build_engines.sources.trees import from_lightgbm, from_xgboost
 
-    x, y = _tabular()
-    x_nan = x.copy()
-    x_nan[::7, 3] = np.nan  # so the booster learns a default direction for missing values
-    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "num_threads": 1, "seed": 1}
-    lgbm = lgb.train(params, lgb.Dataset(x[:2000], y[:2000]), num_boost_round=20)
-    lgbm_nan = lgb.train(params, lgb.Dataset(x_nan[:2000], y[:2000]), num_boost_round=20)
-    xgbm = xgb.train(
-        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1, "seed": 1},
-        xgb.DMatrix(x[:2000], label=y[:2000]),
-        num_boost_round=20,
-    )
+    f = small_forests()
+    x, x_nan = f.x, f.x_nan
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(
         torch.nn.Linear(N_FEATURES, 16),
@@ -108,9 +91,9 @@ def _sources() -> dict[str, tuple[Source, F32]]:
     lstm = TinyLSTM().eval()
     seqs = np.random.default_rng(5).normal(size=(800, 6, 4)).astype(np.float32)
     return {
-        "lgbm": (from_lightgbm(lgbm, name="lgbm"), x[2000:]),
-        "lgbm_nan": (from_lightgbm(lgbm_nan, name="lgbm_nan", allow_nan=True), x_nan[2000:]),
-        "xgb": (from_xgboost(xgbm, name="xgb"), x[2000:]),
+        "lgbm": (from_lightgbm(f.lgbm, name="lgbm"), x[2000:]),
+        "lgbm_nan": (from_lightgbm(f.lgbm_nan, name="lgbm_nan", allow_nan=True), x_nan[2000:]),
+        "xgb": (from_xgboost(f.xgbm, name="xgb"), x[2000:]),
         "mlp": (from_torch(mlp, torch.zeros(1, N_FEATURES), name="mlp"), x[2000:]),
         "lstm": (from_torch(lstm, torch.zeros(1, 6, 4), name="lstm"), seqs),
         "mlp_int8": (from_torch(mlp, torch.zeros(1, N_FEATURES), name="mlp_int8"), x[2000:]),

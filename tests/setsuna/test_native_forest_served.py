@@ -25,7 +25,7 @@ from build_engines.build import build_model, converter_for
 from build_engines.spec import ModelSpec, ServingSpec
 from setsuna import deadline, manifest, model_config, native_forest, runtime, seal
 from setsuna.server import LocalTriton, find_tritonserver
-from tests.helpers import metric_series, wait_until
+from tests.helpers import metric_series, small_forests, tabular, wait_until
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -52,13 +52,6 @@ class Served:
     held_out: F32
 
 
-def _data(n: int = 3000, seed: int = 3) -> tuple[F32, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
-    y = (x[:, 0] + np.tanh(x[:, 1] * x[:, 2]) + 0.5 * rng.normal(size=n) > 0).astype(np.int8)
-    return x, y
-
-
 def _only(*names: str) -> Converter:
     def convert(source: Source, workdir: Path, calib: F32) -> list[Built]:
         return [b for b in converter_for(source)(source, workdir, calib) if b.name in names]
@@ -80,22 +73,10 @@ def _switch(source: Source, workdir: Path, calib: F32) -> list[Built]:
 
 
 def _build(root: Path) -> Path:
-    import lightgbm as lgb
-    import xgboost as xgb
-
     from build_engines.sources.trees import from_lightgbm, from_xgboost
 
-    x, y = _data()
-    x_nan = x.copy()
-    x_nan[::7, 3] = np.nan
-    params = {"objective": "binary", "num_leaves": 7, "verbose": -1, "num_threads": 1, "seed": 1}
-    lgbm = lgb.train(params, lgb.Dataset(x[:2000], y[:2000]), num_boost_round=20)
-    lgbm_nan = lgb.train(params, lgb.Dataset(x_nan[:2000], y[:2000]), num_boost_round=20)
-    xgbm = xgb.train(
-        {"objective": "binary:logistic", "max_depth": 3, "nthread": 1, "seed": 1},
-        xgb.DMatrix(x[:2000], label=y[:2000]),
-        num_boost_round=20,
-    )
+    f = small_forests()
+    x, x_nan, lgbm, lgbm_nan, xgbm = f.x, f.x_nan, f.lgbm, f.lgbm_nan, f.xgbm
     models = {
         "lgb_tl": (from_lightgbm(lgbm, name="lgb_tl"), x, _only("tl2cgen")),
         "lgb_ll": (from_lightgbm(lgbm, name="lgb_ll"), x, _only("lleaves")),
@@ -155,7 +136,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     _broken(repo, root)
     for victim in ("t_byte", "t_planted", "t_missing", "t_symlink", "t_config"):
         _copy_model(repo, "lgb_tl", victim)  # loaded (and refused) by the tests
-    x, _ = _data(seed=11)
+    x, _ = tabular(seed=11)
     loaded = ("lgb_tl", "lgb_ll", "lgb_sw", "lgb_nan", "xgb_tl", "broken")
     with LocalTriton.on_free_ports(
         repo, load_models=loaded, log_path=root / "triton.log", http=True
