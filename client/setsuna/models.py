@@ -178,15 +178,11 @@ def server_pid_of(repository: Path) -> int | None:
 
     from setsuna import serve_lock
 
-    try:
-        path = serve_lock.lock_path(repository)
-        first = path.read_text().split("\n", 1)[0].strip() if path.is_file() else ""
-    except (OSError, ServerError):
-        return None
-    if not first.isdigit():
+    supervisor = serve_lock.server_pid(repository)
+    if supervisor is None:
         return None
     try:
-        children = psutil.Process(int(first)).children()
+        children = psutil.Process(supervisor).children()
     except psutil.Error:
         return None
     return next((c.pid for c in children if c.name() == "tritonserver"), None)

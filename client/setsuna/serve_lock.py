@@ -104,6 +104,24 @@ def _is_our_server(pid: int) -> bool:
     return st.st_uid == os.geteuid() and any(SERVER_MODULE.encode() == a for a in cmdline)
 
 
+def server_pid(repository: Path, root: Path | None = None) -> int | None:
+    """The PID in ``repository``'s PID file when it is this user's ``setsuna.server``.
+
+    Read-only: the lock is not probed (taking it, even briefly, could refuse a
+    server starting at that moment). A file left by a killed supervisor names
+    a dead PID, or one reused by another program: both read as None.
+    """
+    path = lock_path(repository, root)
+    if not path.exists():
+        return None
+    fd = _open(path, create=False)
+    try:
+        pid = _holder(fd)
+    finally:
+        os.close(fd)
+    return pid if pid is not None and _is_our_server(pid) else None
+
+
 def stop(repository: Path, *, timeout_s: float = 30.0, root: Path | None = None) -> int | None:
     """SIGTERM the ``setsuna.server`` serving ``repository``; its PID, or None if none runs.
 

@@ -35,18 +35,23 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-@pytest.fixture()
-def holder(tmp_path: Path, runtime: Path) -> Iterator[subprocess.Popen[str]]:
-    """A process (not a setsuna.server) holding the lock of tmp_path/repo."""
-    (tmp_path / "repo").mkdir()
+def _hold(tmp_path: Path, runtime: Path, *extra: str) -> subprocess.Popen[str]:
+    (tmp_path / "repo").mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(tmp_path / "repo")],
+        [sys.executable, "-c", HOLD, str(tmp_path / "repo"), *extra],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         env=dict(os.environ, XDG_RUNTIME_DIR=str(runtime)),
     )
     assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+@pytest.fixture()
+def holder(tmp_path: Path, runtime: Path) -> Iterator[subprocess.Popen[str]]:
+    """A process (not a setsuna.server) holding the lock of tmp_path/repo."""
+    proc = _hold(tmp_path, runtime)
     yield proc
     proc.kill()
     proc.wait()
@@ -92,3 +97,21 @@ def test_a_holder_killed_with_sigkill_leaves_no_lock(
 def test_stop_without_a_server_says_none(tmp_path: Path, runtime: Path) -> None:
     assert serve_lock.stop(tmp_path / "nothing-here") is None
     assert oct((runtime / "setsuna").stat().st_mode & 0o777) == "0o700"  # private
+
+
+def test_server_pid_names_only_our_server_and_never_a_dead_one(
+    tmp_path: Path, runtime: Path, holder: subprocess.Popen[str]
+) -> None:
+    assert serve_lock.server_pid(tmp_path / "repo") is None  # a holder, but not setsuna.server
+    holder.kill()
+    holder.wait()
+    # The same PID file, written by a process whose argv names the server module
+    # (what _is_our_server checks), then by that process killed: its PID is gone.
+    ours = _hold(tmp_path, runtime, serve_lock.SERVER_MODULE)
+    try:
+        assert serve_lock.server_pid(tmp_path / "repo") == ours.pid
+    finally:
+        ours.kill()
+        ours.wait()
+    assert serve_lock.server_pid(tmp_path / "repo") is None
+    assert serve_lock.server_pid(tmp_path / "nobody") is None
