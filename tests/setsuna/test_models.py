@@ -93,3 +93,11 @@ def test_a_native_model_is_shown_inside_the_server() -> None:
 
 def test_no_server_pid_for_a_repository_nobody_serves(tmp_path: Path) -> None:
     assert models.server_pid_of(tmp_path) is None
+
+
+def test_no_server_at_the_address_is_a_clear_error() -> None:
+    from setsuna.server import free_ports
+
+    (port,) = free_ports(1)  # nothing listens there
+    with pytest.raises(ServerError, match=rf"127\.0\.0\.1:{port}"):
+        models.status(f"127.0.0.1:{port}", {"k": "v"})
