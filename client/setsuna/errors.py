@@ -172,3 +172,18 @@ class AuditLockedError(AuditError):
 
 class AuditFullError(AuditError):
     """The disk holding the audit database, or the database itself, is full."""
+
+
+class DeploymentError(SetsunaError):
+    """A lifecycle step (publish, shadow, canary, promote, rollback) was refused or failed;
+    what was serving before it still serves."""
+
+
+class DeploymentConflictError(DeploymentError):
+    """Another operator is changing the same deployment right now, or already changed it."""
+
+
+class ModelLoadingError(ModelNotReadyError):
+    """The model was evicted and is being loaded again; retry within the deadline."""
+
+    retryable = True

@@ -225,7 +225,9 @@ class ModelWatchdog:
     :attr:`events` (the most recent actions).
 
     A model an operator unloads is forgotten, never reloaded; one an operator
-    reloads is followed to its new stubs, not counted as a death.
+    reloads is followed to its new stubs, not counted as a death; so is a
+    version an operator unloads while others keep serving (the lifecycle's
+    promote): only the stubs of READY versions are expected alive.
     """
 
     def __init__(
@@ -337,9 +339,10 @@ class ModelWatchdog:
             self._records.clear()
             self._python.clear()
             self._server_pid = pid
-        ready = self._ready_models()
-        if ready is None:
+        versions = self._ready_models()
+        if versions is None:
             return
+        ready = set(versions)
         for gone in set(self._records) - ready:  # unloaded by someone: stop watching
             del self._records[gone]
         for gone in set(self._python) - ready:  # its config may change before it returns
@@ -353,12 +356,16 @@ class ModelWatchdog:
             if not self._is_python(model):
                 continue
             record = self._records.get(model)
+            if record is not None:  # a version an operator unloaded takes its stubs along
+                kept = {k: s for k, s in record.items() if k[0] in versions[model]}
+                record = self._records[model] = kept
             if not record or not all(_alive(s, pid) for s in record.values()):
                 suspects.append(model)
         by_model: dict[str, list[Stub]] = {}
         if suspects:
             for stub in scan_stubs(pid):
-                by_model.setdefault(stub.model, []).append(stub)
+                if stub.version in versions.get(stub.model, ()):
+                    by_model.setdefault(stub.model, []).append(stub)
         for model in suspects:
             dead = self._classify(model, by_model.get(model, []))
             if dead is not None:
@@ -368,7 +375,8 @@ class ModelWatchdog:
                 if not self._probe(model):
                     self._recover(model, (), "readiness API says not ready")
 
-    def _ready_models(self) -> set[str] | None:
+    def _ready_models(self) -> dict[str, set[str]] | None:
+        """READY versions per model (a model is READY when one of its versions is)."""
         try:
             index = self._grpc().get_model_repository_index(
                 headers=self.server.grpc_admin_headers,
@@ -381,7 +389,11 @@ class ModelWatchdog:
             self._index_failing = True
             return None
         self._index_failing = False
-        return {str(m["name"]) for m in index.get("models", []) if m.get("state") == "READY"}
+        out: dict[str, set[str]] = {}
+        for m in index.get("models", []):
+            if m.get("state") == "READY":
+                out.setdefault(str(m["name"]), set()).add(str(m.get("version", "")))
+        return out
 
     def _is_python(self, model: str) -> bool:
         """Whether the model runs stubs (not an ensemble); asked once per loaded model."""
@@ -438,9 +450,12 @@ class ModelWatchdog:
     # -- recovery -------------------------------------------------------------------------
 
     def _recover(self, model: str, dead: tuple[int, ...], why: str) -> None:
-        self._records.pop(model, None)
+        record = self._records.pop(model, None) or {}
         ready = self._ready_models()
         if ready is None or model not in ready:  # unloaded meanwhile (an operator): leave it
+            return
+        lost = {k[0] for k, s in record.items() if s.pid in dead}
+        if dead and not lost & ready[model]:  # only versions an operator unloaded meanwhile
             return
         now = time.monotonic()
         recent = self._reloads.setdefault(model, deque())
