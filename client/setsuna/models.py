@@ -122,7 +122,7 @@ def status(
                 except InferenceServerException:
                     backends[name] = ""
     traffic = _traffic(stats)
-    memory = _stub_memory(server_pid) if server_pid else {}
+    memory = stub_memory(server_pid) if server_pid else {}
     out = []
     for name in sorted(versions):
         mib, n = memory.get(name, (None, 0))
@@ -155,18 +155,31 @@ def _traffic(stats: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int | N
     return out
 
 
-def _stub_memory(server_pid: int) -> dict[str, tuple[float, int]]:
-    """PSS (MiB) and count of each model's live stub processes under ``server_pid``."""
+def process_pss_mib(pid: int) -> float | None:
+    """PSS of process ``pid`` in MiB (``/proc/<pid>/smaps_rollup``, read by psutil), or
+    None when it is gone or unreadable. PSS splits each shared page among the
+    processes mapping it, so the PSS of several processes adds up to what they hold
+    together (RSS would count a shared library once per process)."""
     import psutil
 
+    try:
+        return float(psutil.Process(pid).memory_full_info().pss) / 2**20
+    except psutil.Error:
+        return None  # gone between the scan and the read
+
+
+def stub_memory(server_pid: int) -> dict[str, tuple[float, int]]:
+    """PSS (MiB) and count of each model's live stub processes under ``server_pid``.
+
+    Shared by ``setsuna models`` and the model pool (``setsuna.pool``).
+    """
     from setsuna.watchdog import scan_stubs
 
     out: dict[str, tuple[float, int]] = {}
     for stub in scan_stubs(server_pid):
-        try:
-            pss = psutil.Process(stub.pid).memory_full_info().pss / 2**20
-        except psutil.Error:
-            continue  # gone between the scan and the read
+        pss = process_pss_mib(stub.pid)
+        if pss is None:
+            continue
         mib, n = out.get(stub.model, (0.0, 0))
         out[stub.model] = (mib + pss, n + 1)
     return out
