@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,9 @@ from setsuna.errors import (
 )
 from setsuna.schema import INPUT_NAME
 from setsuna.transport import Protocol, transport
+
+if TYPE_CHECKING:
+    from setsuna.pool import Pool
 
 KEY_INPUT = KEY
 #: Output of routed models (``router``, ``decide``) naming the engine of each row.
@@ -371,8 +374,17 @@ class Client:
         settings: ClientSettings | None = None,
         *,
         models: Sequence[str] = (),
+        pool: Pool | None = None,
     ) -> None:
-        """``models``: connect and read these models' metadata now (:meth:`warm_up`)."""
+        """``models``: connect and read these models' metadata now (:meth:`warm_up`).
+
+        ``pool``: a model pool (:class:`setsuna.pool.ModelPool`) that every call
+        leases its model from: a model the pool evicted is loaded on its first
+        call, within that call's deadline (:class:`~setsuna.errors.ModelLoadingError`,
+        retryable, when the load takes longer); a loaded one costs a dict lookup
+        and a counter. Give ``models`` only for models the pool holds.
+        """
+        self._pool = pool
         self._core = _Core(url, protocol, settings or ClientSettings())
         s = self._core.settings
         self._stub: Any = self._core.wire.stub(
@@ -435,9 +447,24 @@ class Client:
         outputs: Sequence[str] | None = None,
     ) -> Prediction:
         """Score ``features`` (one row or a batch) with ``model``; see the module docstring."""
-        core = self._core
-        budget_ms = core.budget_ms(deadline_ms)
+        budget_ms = self._core.budget_ms(deadline_ms)
         start = time.perf_counter()
+        if self._pool is None:
+            return self._infer(model, features, key, budget_ms, start, version, outputs)
+        with self._pool.lease(model, deadline_s=budget_ms / 1e3):  # loads an evicted model
+            return self._infer(model, features, key, budget_ms, start, version, outputs)
+
+    def _infer(
+        self,
+        model: str,
+        features: npt.ArrayLike,
+        key: Any,
+        budget_ms: float,
+        start: float,
+        version: str,
+        outputs: Sequence[str] | None,
+    ) -> Prediction:
+        core = self._core
         info = self.model_info(model, version)
         x = info.check(features)
         inputs, requested = core.build(info, x, key, outputs)

@@ -187,3 +187,8 @@ class ModelLoadingError(ModelNotReadyError):
     """The model was evicted and is being loaded again; retry within the deadline."""
 
     retryable = True
+
+
+class PoolFullError(ModelNotReadyError):
+    """The model does not fit the pool's memory budget even after evicting every idle model;
+    the message names the budget, the model's size and what is pinned or in flight."""
