@@ -67,7 +67,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, Self
@@ -266,8 +266,8 @@ class ModelPool:
     ``url``: the server's gRPC address; ``headers``: the admin metadata
     (``LocalTriton.grpc_admin_headers``); ``server_pid``: ``tritonserver``'s
     pid, to measure memory (without it nothing is measured and only the TTL
-    evicts); ``metrics_url``: Triton's Prometheus page, for other processes'
-    queued requests (optional). Use :meth:`for_server` with a
+    evicts; a callable is asked each time); ``metrics_url``: Triton's
+    Prometheus page, for other processes' queued requests (optional). Use :meth:`for_server` with a
     :class:`~setsuna.server.LocalTriton`, then ``with pool:`` or
     :meth:`start` / :meth:`stop`.
     """
@@ -278,7 +278,7 @@ class ModelPool:
         headers: Mapping[str, str],
         settings: PoolSettings,
         *,
-        server_pid: int | None = None,
+        server_pid: int | Callable[[], int | None] | None = None,
         metrics_url: str | None = None,
     ) -> None:
         from setsuna.server import ADMIN_HEADER, GRPC_HEADER_PREFIX
@@ -290,7 +290,7 @@ class ModelPool:
             raise ServerError(f"no admin token given ({key} metadata): {_TOKEN_HELP}")
         self.url = url
         self.settings = settings
-        self.server_pid = server_pid
+        self._server_pid = server_pid
         self.metrics_url = metrics_url
         self._headers = dict(headers)
         self._lock = threading.Lock()
@@ -322,7 +322,7 @@ class ModelPool:
             server.grpc_url,
             server.grpc_admin_headers,
             settings,
-            server_pid=server.pid,
+            server_pid=lambda: server.pid,  # a supervisor's restart changes it
             metrics_url=server.metrics_url,
         )
 
@@ -506,10 +506,16 @@ class ModelPool:
         return evicted
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.settings.check_interval_s):
             try:
                 self.enforce()
-            except Exception:  # the thread must outlive one bad pass (server restarting)
+                failing = False
+            except ServerError as exc:  # the server restarting: say so once
+                if not failing:
+                    logger.warning("model pool: %s; trying again every interval", exc)
+                failing = True
+            except Exception:  # the thread must outlive one bad pass
                 logger.exception("model pool check failed; trying again next interval")
 
     # -- loading and evicting (loader thread / under _io_lock) ----------------------------
@@ -657,6 +663,12 @@ class ModelPool:
 
     # -- reading Triton and /proc ---------------------------------------------------------
 
+    @property
+    def server_pid(self) -> int | None:
+        """``tritonserver``'s pid now (None: memory is not measured)."""
+        pid = self._server_pid
+        return pid() if callable(pid) else pid
+
     def _refresh(self) -> None:
         """States (repository index), last uses (statistics) and stub memory, now."""
         from tritonclient.utils import InferenceServerException
@@ -707,11 +719,12 @@ class ModelPool:
         self._measure_stubs()
 
     def _measure_stubs(self) -> None:
-        if self.server_pid is None:
+        pid = self.server_pid
+        if pid is None:
             return
         from setsuna.models import stub_memory
 
-        memory = stub_memory(self.server_pid)
+        memory = stub_memory(pid)
         with self._lock:
             for name, entry in self._entries.items():
                 entry.stub_mb, entry.stubs = memory.get(name, (0.0, 0))
@@ -740,11 +753,12 @@ class ModelPool:
                 entry.pending = pending.get(name, 0)
 
     def _server_pss(self) -> float | None:
-        if self.server_pid is None:
+        pid = self.server_pid
+        if pid is None:
             return None
         from setsuna.models import process_pss_mib
 
-        return process_pss_mib(self.server_pid)
+        return process_pss_mib(pid)
 
     def _ready_mb(self) -> float:
         with self._lock:

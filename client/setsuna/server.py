@@ -58,6 +58,7 @@ from tritonclient.utils import InferenceServerException
 
 from setsuna import native_forest, seal, serve_lock, stub_guard
 from setsuna.errors import ConfigError, ServerError, SetsunaError
+from setsuna.pool import ModelPool, PoolSettings
 from setsuna.watchdog import ModelWatchdog
 
 MiB: Final = 1 << 20
@@ -1123,6 +1124,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-timeout-s", type=int, default=d["exit_timeout_s"].default)
     p.add_argument("--ready-timeout-s", type=float, default=120.0)
     p.add_argument("--log-file", type=Path, default=None, help="default: a new file in $TMPDIR")
+    pool = p.add_argument_group(
+        "model pool (setsuna.pool): load on first request, evict to a budget"
+    )
+    pool.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="MiB (PSS) the models may hold once evictions settled; runs the pool controller "
+        "and loads only the pinned models (and --load-model ones) at start",
+    )
+    pool.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="a model loaded at start and never evicted (repeatable; needs --memory-budget-mb)",
+    )
+    pool.add_argument(
+        "--idle-ttl-s",
+        type=float,
+        default=0.0,
+        help="unload a model idle this long (0: only the budget evicts; needs --memory-budget-mb)",
+    )
     return p
 
 
@@ -1166,6 +1190,9 @@ def _stop(repository: Path) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
+        pool = _pool_settings(args)
+        if pool is not None and args.load_models is None:
+            args.load_models = list(pool.pinned)  # the pool loads the others on request
         settings = ServerSettings(
             model_repository=args.model_repository,
             http_port=args.http_port,
@@ -1194,7 +1221,7 @@ def _serve(args: argparse.Namespace) -> int:
     # it runs in its own session and would otherwise outlive us.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return _supervise(server, policy)
+        return _supervise(server, policy, pool)
     except KeyboardInterrupt:
         print("stopping tritonserver ...", flush=True)
         return 0
@@ -1239,20 +1266,45 @@ def describe_exit(rc: int | None) -> str:
     return f"status {rc}"
 
 
-def _supervise(server: LocalTriton, policy: RestartPolicy) -> int:
+def _pool_settings(args: argparse.Namespace) -> PoolSettings | None:
+    """The pool's settings when ``--memory-budget-mb`` is given (ConfigError if invalid)."""
+    if args.memory_budget_mb is None:
+        if args.pin or args.idle_ttl_s:
+            raise ConfigError("--pin and --idle-ttl-s need --memory-budget-mb: give the budget")
+        return None
+    return PoolSettings(
+        memory_budget_mb=args.memory_budget_mb, idle_ttl_s=args.idle_ttl_s, pinned=tuple(args.pin)
+    )
+
+
+def _supervise(
+    server: LocalTriton, policy: RestartPolicy, pool_settings: PoolSettings | None = None
+) -> int:
     server.start()  # a first start that fails is a configuration problem: exit 1
     _print_banner(server)
-    while True:
-        while server.running:
-            time.sleep(0.5)
-        how = describe_exit(server.returncode)
-        _say(
-            f"tritonserver exited unexpectedly ({how}); last lines of "
-            f"{server.log_path}:\n{server.log_tail()}"
+    pool = None
+    if pool_settings is not None:  # follows the server across restarts (its pid is re-read)
+        pool = ModelPool.for_server(server, pool_settings).start()
+        print(
+            f"  pool     budget {pool_settings.memory_budget_mb:g} MiB, idle TTL "
+            f"{pool_settings.idle_ttl_s:g} s, pinned {list(pool_settings.pinned) or '-'}",
+            flush=True,
         )
-        server.stop()  # reap the orphaned stubs of the dead server
-        if not _restart(server, policy, how):
-            return 1
+    try:
+        while True:
+            while server.running:
+                time.sleep(0.5)
+            how = describe_exit(server.returncode)
+            _say(
+                f"tritonserver exited unexpectedly ({how}); last lines of "
+                f"{server.log_path}:\n{server.log_tail()}"
+            )
+            server.stop()  # reap the orphaned stubs of the dead server
+            if not _restart(server, policy, how):
+                return 1
+    finally:
+        if pool is not None:
+            pool.stop()
 
 
 def _restart(server: LocalTriton, policy: RestartPolicy, how: str) -> bool:

@@ -10,6 +10,10 @@ serves the module; each test starts from nothing loaded.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +31,15 @@ from setsuna.errors import (
     ServerError,
 )
 from setsuna.pool import ModelPool, PoolSettings
-from setsuna.server import LocalTriton, ServerSettings, find_tritonserver
+from setsuna.server import (
+    ADMIN_HEADER,
+    GRPC_HEADER_PREFIX,
+    LocalTriton,
+    ServerSettings,
+    find_tritonserver,
+    free_ports,
+)
+from setsuna.server import main as server_main
 from tests.helpers import build_logistic_models, metric_series, python_model, wait_until
 
 try:
@@ -396,3 +408,68 @@ def test_bad_settings_are_refused_saying_what_to_give(
 ) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         PoolSettings(**settings)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ python -m setsuna.server
+
+
+def test_the_supervisor_runs_the_pool_on_models_loaded_by_anyone(tmp_path: Path) -> None:
+    """``--memory-budget-mb --pin --idle-ttl-s``: pins loaded at start, the rest not; a model
+    someone else loads is unloaded once idle; the pinned one stays."""
+    repo = tmp_path / "repo"
+    for name in ("keep", "idle"):
+        python_model(repo, name)
+    token = "pool-test-token-" + "x" * 12
+    env = dict(os.environ, SETSUNA_ADMIN_TOKEN=token, XDG_RUNTIME_DIR=str(tmp_path / "run"))
+    http, grpc, metrics = free_ports(3)
+    argv = [sys.executable, "-m", "setsuna.server", "--model-repository", str(repo)]
+    argv += ["--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    argv += ["--memory-budget-mb", "500", "--pin", "keep", "--idle-ttl-s", "0.5"]
+    headers = {GRPC_HEADER_PREFIX + ADMIN_HEADER: token}
+    with subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:  # blocks until the pool's line (or the process exits)
+            lines.append(line)
+            if line.startswith("  pool"):
+                break
+        assert "budget 500 MiB, idle TTL 0.5 s, pinned ['keep']" in lines[-1], "".join(lines)
+        try:
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}") as c:
+
+                def states() -> dict[str, str]:
+                    index = c.get_model_repository_index(headers=headers, as_json=True)
+                    return {m["name"]: m.get("state", "") for m in index["models"]}
+
+                assert states() == {"keep": "READY", "idle": ""}  # only the pin at start
+                c.load_model("idle", headers=headers)  # loaded by someone else
+                wait_until("idle unloaded by the TTL", lambda: states()["idle"] != "READY")
+                assert states()["keep"] == "READY"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pin", "m1"], "--pin and --idle-ttl-s need --memory-budget-mb"),
+        (["--idle-ttl-s", "5"], "need --memory-budget-mb"),
+        (["--memory-budget-mb", "0"], "memory_budget_mb=0.0: give the MiB"),
+        (["--memory-budget-mb", "64", "--pin", "m1", "--pin", "m1"], "pinned lists a model twice"),
+    ],
+)
+def test_the_supervisor_refuses_bad_pool_flags(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    python_model(tmp_path / "repo", "m1")
+    assert server_main(["--model-repository", str(tmp_path / "repo"), *flags]) == 2
+    assert message in capsys.readouterr().err
