@@ -105,7 +105,10 @@ def build_config(
         db.max_queue_delay_microseconds = s.max_queue_delay_us
         # No default_queue_policy: with batching it stalls 2.51 (model_config.batching_hazards).
     cfg.response_cache.enable = s.response_cache
-    cfg.version_policy.latest.num_versions = s.num_versions
+    # Every version folder present serves: the lifecycle (ensembles.lifecycle) publishes
+    # N+1 beside N and retires N by moving folders, so the disk alone says what serves
+    # (a restart serves the same set) and no config edit breaks the versions' seals.
+    cfg.version_policy.all.SetInParent()
     warm = cfg.model_warmup.add(name="one_row_zeros", batch_size=1)
     warm.inputs[in_name].data_type = mc.TYPE_FP32
     warm.inputs[in_name].dims.extend(row_shape)

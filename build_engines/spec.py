@@ -42,8 +42,6 @@ class ServingSpec:
     #: output when repeated (measured; tests/setsuna/test_serving_faults.py).
     #: Turn it on only where a model can never refuse an input.
     response_cache: bool = False
-    #: Versions Triton keeps loaded (version_policy latest).
-    num_versions: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= 1 << 20:
@@ -55,8 +53,8 @@ class ServingSpec:
             )
         if self.max_queue_delay_us < 0:
             raise ConfigError("max_queue_delay_us must be >= 0 (0 batches only what is queued)")
-        if self.cpu_instances < 1 or self.gpu_instances < 1 or self.num_versions < 1:
-            raise ConfigError("cpu_instances, gpu_instances and num_versions must be >= 1")
+        if self.cpu_instances < 1 or self.gpu_instances < 1:
+            raise ConfigError("cpu_instances and gpu_instances must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ from setsuna.errors import ConfigError, SetsunaError
 
 ARMS = ("lightgbm", "xgboost")
 SHADOW = "mlp"
+#: Run-time state kept in a repository, beside the model folders (hidden: no model).
+STATE_DIR = ".state"
 #: The combiner batches: one execute, one engine call per member for every queued
 #: request (perf/combiner.py: 11-15 % of its slowest member's throughput at c=32
 #: without). No queue policy: one turns off 2.51's prefetching and with it brings
@@ -49,6 +51,16 @@ COMBINER_IN_PROCESS = True
 #: the instances requests in turn and each runs cold (one row's execute 440-475 us
 #: in the stub instead of 270-325 us). See docs/architecture.md, "What a hop costs".
 DECIDE_SERVING = rep.Serving(instances=1)
+
+
+def shadow_log(router: str) -> Path:
+    """Where a router of the examples logs its shadow, relative to its model folder.
+
+    Outside the model folder (``<repo>/.state/shadow/``): a model folder is
+    replaced whole when republished (setsuna.publish), and the log must
+    survive that. ``setsuna models compare`` reads it from the config.
+    """
+    return Path("..") / STATE_DIR / "shadow" / f"{router}.jsonl"
 
 
 def _prior(repo: Path, model: str) -> float:
@@ -90,7 +102,11 @@ def write_examples(repo: Path) -> list[Path]:
         for name, doc in (("members", members), ("selector", selector)):
             (files / f"{name}.json").write_text(json.dumps(doc, indent=2))
         one = rep.Serving(instances=1)
-        out.append(rep.write_router(repo, files / "exp.json", n, serving=one))
+        out.append(
+            rep.write_router(
+                repo, files / "exp.json", n, serving=one, shadow_log=shadow_log("router")
+            )
+        )
         out.append(rep.write_signal(repo, {1: signal.Thresholds()}, serving=one))
         out.append(rep.write_decision(repo, n))
         out.append(
@@ -102,6 +118,7 @@ def write_examples(repo: Path) -> list[Path]:
                 in_process=True,
                 thresholds=signal.Thresholds(),
                 serving=DECIDE_SERVING,
+                shadow_log=shadow_log("decide"),
             )
         )
         out.append(

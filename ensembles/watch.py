@@ -24,6 +24,7 @@ instances may then disagree while the file is invalid.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import threading
@@ -56,6 +57,17 @@ def read_bytes(path: Path) -> bytes:
 def read_json(path: Path, what: str) -> Any:
     """The JSON document in ``path``; ConfigError names the ``what`` file and the fault."""
     return decode_json(read_bytes(path), str(path), what)
+
+
+def file_digest(data: bytes) -> int:
+    """48 bits of the sha256 of a file's bytes: exact in a Prometheus gauge (a double).
+
+    Each model publishes the digest of the file it serves
+    (``setsuna_watched_file_digest``), so whoever wrote a file can see every
+    instance take it (:mod:`ensembles.lifecycle` waits on it before it unloads
+    what the old file named).
+    """
+    return int.from_bytes(hashlib.sha256(data).digest()[:6], "big")
 
 
 def shared_copy(path: Path, model: str) -> Path:
@@ -100,6 +112,8 @@ class Watched(Generic[T]):
         self._stamp = _stat(path)
         data = read_bytes(path)
         self.current: T = loads(data, str(path))
+        #: :func:`file_digest` of the bytes in force.
+        self.digest = file_digest(data)
         self._from_ns = self._stamp[0] if self._stamp else 0  # mtime of what is in force
         self._file_ok = True
         self._shared_stamp: Stamp | None = None
@@ -133,7 +147,7 @@ class Watched(Generic[T]):
             self._file_ok = False
             self._shared_stamp = None  # look at the copy again: it may be newer than ours
             return Change(refused=f"{exc} (still serving the previous file)")
-        self.current, self._file_ok = fresh, True
+        self.current, self._file_ok, self.digest = fresh, True, file_digest(data)
         self._from_ns = stamp[0] if stamp else 0
         self.reloads += 1
         return Change(took_effect=True, note=self._publish(data, stamp))
@@ -173,10 +187,11 @@ class Watched(Generic[T]):
         if stamp[0] <= self._from_ns:
             return None  # what this instance serves is as new as the copy
         try:
-            fresh = self._loads(read_bytes(self.shared), str(self.shared))
+            data = read_bytes(self.shared)
+            fresh = self._loads(data, str(self.shared))
         except SetsunaError as exc:
             return Change(note=f"the last valid copy is not valid here: {exc}")
-        self.current, self._from_ns = fresh, stamp[0]
+        self.current, self._from_ns, self.digest = fresh, stamp[0], file_digest(data)
         self.reloads += 1
         return Change(
             took_effect=True,

@@ -28,7 +28,7 @@ import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from setsuna import deadline, manifest, runtime, stub_guard
-from setsuna.errors import ConfigError, InputError
+from setsuna.errors import ConfigError, EngineError, InputError
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
 
@@ -95,6 +95,10 @@ class TritonPythonModel:
         try:
             y = self.engine.predict(x)
             self.shedder.observe(time.perf_counter_ns() - began)
+            if not self.schema.allow_nan and not np.isfinite(y).all():
+                # A broken engine, never an answer: setsuna_forest refuses the same way.
+                row = int(np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).all(axis=1))[0])
+                raise EngineError(f"non-finite score {y.reshape(len(y), -1)[row]} at row {row}")
         except Exception as exc:  # an engine failure fails its requests, visibly
             err = pb_utils.TritonError(f"{self.manifest.model}: engine failed: {exc}")
             for i in keep:

@@ -3,7 +3,12 @@
 Each subcommand lives beside the code it drives and exposes
 ``register(subparsers)``, which adds its parser and sets ``handler`` (a
 function of the parsed namespace returning an exit code). To add one, append
-its module to :data:`SUBCOMMAND_MODULES`. A :class:`SetsunaError` becomes a
+its module to :data:`SUBCOMMAND_MODULES`. A module listed in :data:`VERB_MODULES`
+adds verbs to a subcommand another module registered (``register_verbs(sub)``):
+that is how ``setsuna models`` carries the lifecycle verbs of
+:mod:`ensembles.lifecycle` while the SDK imports nothing above it (this
+module is the command's composition root and names them, it does not import
+them at import time). A :class:`SetsunaError` becomes a
 one-line message on stderr and exit status 2; anything else is a bug and
 keeps its traceback.
 """
@@ -25,6 +30,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "setsuna.audit",
     "setsuna.models",
 )
+#: Subcommand -> modules with a ``register_verbs(subparsers)`` adding verbs to it.
+VERB_MODULES: dict[str, tuple[str, ...]] = {"models": ("ensembles.lifecycle",)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for command, modules in VERB_MODULES.items():
+        group = subparsers.choices[command]
+        verbs = next(a for a in group._actions if isinstance(a, argparse._SubParsersAction))
+        for name in modules:
+            importlib.import_module(name).register_verbs(verbs)
     return parser
 
 

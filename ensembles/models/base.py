@@ -11,7 +11,11 @@ operator edits live. :class:`WatchedFileModel` owns that part once:
 - what a poll finds: a refused file is logged and counted in
   ``setsuna_<kind>_reload_failures_total{<kind>=name, instance=...}`` (the
   previous file keeps serving), a note is logged, and a file that took effect
-  calls :meth:`WatchedFileModel.took_effect`.
+  calls :meth:`WatchedFileModel.took_effect`;
+- which file each instance serves: the gauge
+  ``setsuna_watched_file_digest{model=name, instance=...}`` holds
+  :func:`ensembles.watch.file_digest` of its bytes, so a writer (the
+  lifecycle) knows when every instance has taken its file.
 
 A subclass calls :meth:`setup` first in ``initialize`` and
 :meth:`start_watching` last, and :meth:`stop_watching` in ``finalize``.
@@ -65,6 +69,15 @@ class WatchedFileModel(Generic[T]):
         self._failures = self._failure_family.Metric(
             labels={self.KIND: self.name, "instance": self.instance}
         )
+        self._digest_family = pb_utils.MetricFamily(
+            name="setsuna_watched_file_digest",
+            description=f"48 bits of the sha256 of the {self.FILE_PARAMETER} file in force, "
+            "per instance",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
+        self._digest = self._digest_family.Metric(
+            labels={"model": self.name, "instance": self.instance}
+        )
         self._poller: Poller | None = None
 
     def before_watch(self) -> None:
@@ -90,6 +103,7 @@ class WatchedFileModel(Generic[T]):
             if change.note:
                 pb_utils.Logger.log_warn(f"{self.name} ({self.instance}): {change.note}")
             if change.took_effect:
+                self._digest.set(self.watch.digest)
                 self.took_effect()
 
     def took_effect(self) -> None:
@@ -100,6 +114,7 @@ class WatchedFileModel(Generic[T]):
         self.poll()
 
     def start_watching(self) -> None:
+        self._digest.set(self.watch.digest)
         self.poll()  # a note from the first load, if any
         self._poller = Poller(
             self.tick,

@@ -17,6 +17,7 @@ applied to every row, cached or not, with this version's thresholds.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ensembles.models import common
@@ -35,11 +36,15 @@ class TritonPythonModel(RouterBase):
         b = self._gather(requests)
         if not b.kept:
             return b.responses
+        began = time.perf_counter()
         self.score_in_process(b)
+        b.primary_us = (time.perf_counter() - began) * 1e6
         shadow: Any = None
         if b.exp.shadow is not None:
+            began = time.perf_counter()
             try:
                 shadow = self.calls.call_sync(b.exp.shadow, b.x, b.timeout)
             except common.DownstreamError as exc:  # recorded as the shadow's error
                 shadow = exc.with_traceback(None)  # kept in a local: no frame cycle
+            b.shadow_us = (time.perf_counter() - began) * 1e6
         return self._finish(b, requests, shadow)

@@ -29,26 +29,26 @@ them). The shadow still gets the whole batch. Counted per instance:
 ``setsuna_router_cache_bytes{stat="now"|"peak"}``.
 
 Config parameters: ``experiment_file`` (required; absolute or relative to
-the model folder), ``shadow_log`` (JSON lines; default: no log, counts
-only), ``allow_nan`` (default false), ``in_process`` (default false), and
-the limits of :class:`ensembles.limits.Limits`.
+the model folder), ``shadow_log`` (JSON lines, :mod:`ensembles.shadowlog`,
+with each side's latency; default: no log, counts only),
+``shadow_log_max_bytes`` (rotated past it; default 256 MiB), ``allow_nan``
+(default false), ``in_process`` (default false), and the limits of :class:`ensembles.limits.Limits`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
-from ensembles import cycles, experiment, keys, signal
+from ensembles import cycles, experiment, keys, shadowlog, signal
 from ensembles.cache import ScoreCache, row_keys
 from ensembles.models import common
 from ensembles.models.base import WatchedFileModel
@@ -63,7 +63,7 @@ from setsuna.contract import (
     MODEL,
     SIGNAL,
 )
-from setsuna.errors import InputError, SetsunaError
+from setsuna.errors import ConfigError, InputError, SetsunaError
 from setsuna.schema import OUTPUT_NAME
 
 KEY_INPUT = KEY
@@ -90,6 +90,9 @@ class Batch:
     # an arm the cache answered entirely is absent) and, with the cache on, their keys.
     todo: dict[int, Any] = field(default_factory=dict)
     todo_keys: dict[int, list[bytes]] = field(default_factory=dict)
+    # Wall time of the arms (all of them) and of the shadow call, for the shadow log.
+    primary_us: float = 0.0
+    shadow_us: float = 0.0
 
     def part(self, a: int) -> Any:
         """The features of the rows arm ``a`` must compute."""
@@ -120,11 +123,14 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         self.thresholds = signal.load_thresholds(thresholds) if thresholds.is_file() else None
         self.calls = common.Downstream(self.name, self.limits)
         log = params.get("shadow_log", "")
-        self.shadow_log: TextIO | None = None
+        self.shadow_log: shadowlog.ShadowLog | None = None
         if log:
-            path = common.config_path(args, log)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.shadow_log = path.open("a", buffering=1)  # one line per batch, flushed
+            raw = params.get("shadow_log_max_bytes", str(shadowlog.MAX_BYTES))
+            if not raw.isdigit() or int(raw) < 4096:
+                raise ConfigError(
+                    f"{self.name}: shadow_log_max_bytes={raw!r}: give a byte count >= 4096"
+                )
+            self.shadow_log = shadowlog.ShadowLog(common.config_path(args, log), int(raw))
         self.logger = pb_utils.Logger
         self._rows = pb_utils.MetricFamily(
             name="setsuna_router_rows_total",
@@ -343,7 +349,7 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         """Count, record the shadow, apply the signal if any, and answer each request."""
         exp, x, arm = b.exp, b.x, b.arm
         if shadow_answer is not None:
-            self._record_shadow(exp, arm, b.score, shadow_answer, requests, b.kept)
+            self._record_shadow(b, shadow_answer, requests)
         for a in b.used:
             if a not in b.failed:
                 target = exp.targets[a]
@@ -382,15 +388,8 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
             b.responses[i] = common.answer(requests[i], outputs, sl, by_name=self._by_name)
         return b.responses
 
-    def _record_shadow(
-        self,
-        exp: experiment.Experiment,
-        arm: I16,
-        score: npt.NDArray[np.float32],
-        answer: Any,
-        requests: list[Any],
-        kept: list[int],
-    ) -> None:
+    def _record_shadow(self, b: Batch, answer: Any, requests: list[Any]) -> None:
+        exp, arm = b.exp, b.arm
         assert exp.shadow is not None
         record: dict[str, Any] = {
             "t_ns": time.time_ns(),
@@ -398,9 +397,11 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
             "experiment": exp.name,
             "experiment_version": exp.version,
             "shadow": exp.shadow.label,
-            "request_ids": [requests[i].request_id() for i in kept],
+            "request_ids": [requests[i].request_id() for i in b.kept],
             "arms": [exp.arms[a] for a in arm.tolist()],
-            "primary": score.reshape(-1).tolist(),
+            "models": {exp.arms[a]: exp.targets[a].label for a in b.used},
+            "primary": b.score.reshape(-1).tolist(),
+            "latency_us": {"primary": round(b.primary_us, 1), "shadow": round(b.shadow_us, 1)},
         }
         try:
             record["score"] = common.bls_score(answer, exp.shadow, len(arm)).reshape(-1).tolist()
@@ -410,7 +411,11 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
             outcome = "error"
         self._shadow_counts.add(len(arm), model=exp.shadow.label, outcome=outcome)
         if self.shadow_log is not None:
-            self.shadow_log.write(json.dumps(record) + "\n")
+            try:
+                self.shadow_log.write(record)
+            except OSError as exc:  # a full disk loses shadow lines, never answers
+                self._shadow_counts.add(len(arm), model=exp.shadow.label, outcome="unlogged")
+                self.logger.log_error(f"{self.name}: shadow log {self.shadow_log.path}: {exc}")
 
     def finalize(self) -> None:
         self.stop_watching()
@@ -431,7 +436,8 @@ class TritonPythonModel(RouterBase):
         exp, x = b.exp, b.x
         shadow = None
         if exp.shadow is not None:  # in flight while the arms run
-            shadow = asyncio.ensure_future(self.calls.call(exp.shadow, x, b.timeout))
+            shadow = asyncio.ensure_future(self._timed_shadow(b, exp.shadow, x))
+        began = time.perf_counter()
         if self.engines is not None:
             self.score_in_process(b)
         elif b.todo:  # one call per arm for its rows the cache did not answer
@@ -444,10 +450,18 @@ class TritonPythonModel(RouterBase):
                     b.score[rows] = common.bls_score(answer, exp.targets[a], len(rows))
                 except common.DownstreamError as exc:
                     b.failed[a] = f"{self.name}: arm {exp.arms[a]!r}: {exc}"
+        b.primary_us = (time.perf_counter() - began) * 1e6
         shadow_answer: Any = None
         if shadow is not None:
             (shadow_answer,) = await asyncio.gather(shadow, return_exceptions=True)
         return self._finish(b, requests, shadow_answer)
+
+    async def _timed_shadow(self, b: Batch, target: Any, x: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return await self.calls.call(target, x, b.timeout)
+        finally:
+            b.shadow_us = (time.perf_counter() - began) * 1e6
 
 
 __all__ = ["RouterBase", "TritonPythonModel"]

@@ -67,7 +67,7 @@ def test_both_targets_parse_under_tritons_schema(tmp_path: Path) -> None:
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
         assert cfg.instance_group[0].count == 3
         assert not cfg.response_cache.enable  # off: 2.51 caches error responses
-        assert cfg.version_policy.latest.num_versions == 1
+        assert cfg.version_policy.WhichOneof("policy_choice") == "all"
         assert cfg.model_warmup[0].inputs["features"].zero_data
 
 

@@ -1,0 +1,225 @@
+"""Deployment records: every lifecycle step, who took it, and what it changed.
+
+One SQLite table, ``deployments``, in whichever database the operator names
+(``--audit-db``). Pointed at the trading audit database (:mod:`setsuna.audit`,
+table ``decisions``), a decision joins the deployment that put its engine in
+place: :func:`deployment_of` is that query (the newest step that finished
+before the decision's ``event_ns`` and routed to its ``model:version``)::
+
+    id | t_ns | who | action | model | from_version | to_version | outcome | detail
+       | figures (JSON) | experiments (JSON: {model: {"before": doc, "after": doc}})
+
+``outcome`` is ``done``, ``refused`` (nothing changed) or ``failed`` (undone:
+what served before serves). ``experiments`` holds each changed experiment
+file before and after, which is what :func:`last_undoable` hands a rollback.
+Written in one transaction per step (WAL, ``synchronous=FULL``): a step is
+recorded whole or not at all.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from setsuna.errors import AuditError
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS deployments (
+    id INTEGER PRIMARY KEY,
+    t_ns INTEGER NOT NULL,
+    who TEXT NOT NULL,
+    action TEXT NOT NULL,
+    model TEXT NOT NULL,
+    from_version INTEGER,
+    to_version INTEGER,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    figures TEXT NOT NULL,
+    experiments TEXT NOT NULL,
+    undoes INTEGER
+);
+CREATE INDEX IF NOT EXISTS deployments_model ON deployments (model, t_ns);
+"""
+ACTIONS: Final = ("publish", "shadow", "compare", "canary", "promote", "rollback")
+OUTCOMES: Final = ("done", "refused", "failed")
+
+
+def operator() -> str:
+    """``user@host pid N``: who is taking the step (recorded, and named in conflicts)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One recorded lifecycle step."""
+
+    id: int
+    t_ns: int
+    who: str
+    action: str
+    model: str
+    from_version: int | None
+    to_version: int | None
+    outcome: str
+    detail: str
+    figures: Mapping[str, Any]
+    experiments: Mapping[str, Mapping[str, Any]]
+    undoes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "t_ns": self.t_ns,
+            "who": self.who,
+            "action": self.action,
+            "model": self.model,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "figures": dict(self.figures),
+            "experiments": sorted(self.experiments),
+            "undoes": self.undoes,
+        }
+
+
+@contextmanager
+def _connect(path: Path) -> Iterator[sqlite3.Connection]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(path, timeout=10.0, isolation_level=None)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            yield db
+    except sqlite3.Error as exc:
+        raise AuditError(f"deployment records {path}: {exc}") from exc
+    except OSError as exc:
+        raise AuditError(f"deployment records {path}: {exc.strerror or exc}") from exc
+
+
+def record(
+    path: Path,
+    *,
+    action: str,
+    model: str,
+    outcome: str,
+    detail: str,
+    who: str | None = None,
+    from_version: int | None = None,
+    to_version: int | None = None,
+    figures: Mapping[str, Any] | None = None,
+    experiments: Mapping[str, Mapping[str, Any]] | None = None,
+    undoes: int | None = None,
+) -> Step:
+    """Append one step (one transaction) and return it."""
+    if action not in ACTIONS or outcome not in OUTCOMES:
+        raise ValueError(
+            f"action {action!r} / outcome {outcome!r}: not one of {ACTIONS}/{OUTCOMES}"
+        )
+    step = Step(
+        0,
+        time.time_ns(),
+        who or operator(),
+        action,
+        model,
+        from_version,
+        to_version,
+        outcome,
+        detail,
+        dict(figures or {}),
+        dict(experiments or {}),
+        undoes,
+    )
+    with _connect(path) as db:
+        cur = db.execute(
+            "INSERT INTO deployments (t_ns, who, action, model, from_version, to_version, "
+            "outcome, detail, figures, experiments, undoes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                step.t_ns,
+                step.who,
+                action,
+                model,
+                from_version,
+                to_version,
+                outcome,
+                detail,
+                json.dumps(step.figures, allow_nan=True),
+                json.dumps(step.experiments),
+                undoes,
+            ),
+        )
+        new_id = cur.lastrowid
+    assert new_id is not None
+    return Step(**{**step.__dict__, "id": new_id})
+
+
+def history(path: Path, model: str | None = None, limit: int = 100) -> list[Step]:
+    """The newest ``limit`` steps (of ``model``), oldest first."""
+    if not path.exists():
+        return []
+    where, args = ("WHERE model = ?", (model,)) if model else ("", ())
+    with _connect(path) as db:
+        rows = db.execute(
+            f"SELECT * FROM deployments {where} ORDER BY id DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+    return [_step(r) for r in reversed(rows)]
+
+
+def last_undoable(path: Path) -> Step | None:
+    """The newest ``done`` step that changed experiments and has not been rolled back.
+
+    Rollbacks undo in stack order: a second rollback undoes the step before
+    the first one's.
+    """
+    if not path.exists():
+        return None
+    with _connect(path) as db:
+        rows = db.execute(
+            "SELECT * FROM deployments WHERE outcome = 'done' AND experiments != '{}' "
+            "ORDER BY id DESC"
+        ).fetchall()
+    undone: set[int] = set()
+    for row in rows:
+        step = _step(row)
+        if step.action == "rollback":
+            if step.undoes is not None:
+                undone.add(step.undoes)
+            undone.add(step.id)
+            continue
+        if step.id not in undone:
+            return step
+    return None
+
+
+def deployment_of(path: Path, model: str, version: int, event_ns: int) -> Step | None:
+    """The step that put ``model:version`` in place before ``event_ns`` (a decision's time)."""
+    with _connect(path) as db:
+        row = db.execute(
+            "SELECT * FROM deployments WHERE outcome = 'done' AND model = ? AND to_version = ? "
+            "AND action IN ('canary', 'promote', 'rollback', 'publish') AND t_ns <= ? "
+            "ORDER BY t_ns DESC LIMIT 1",
+            (model, version, event_ns),
+        ).fetchone()
+    return None if row is None else _step(row)
+
+
+def _step(row: tuple[Any, ...]) -> Step:
+    (id_, t_ns, who, action, model, v0, v1, outcome, detail, figures, exps, undoes) = row
+    return Step(
+        id_, t_ns, who, action, model, v0, v1, outcome, detail,
+        json.loads(figures), json.loads(exps), undoes,
+    )  # fmt: skip
