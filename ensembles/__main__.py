@@ -27,16 +27,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ensembles import lifecycle, signal
 from ensembles import repository as rep
-from ensembles import signal
 from setsuna import manifest
 from setsuna.contract import ExperimentDoc, Target
 from setsuna.errors import ConfigError, SetsunaError
 
 ARMS = ("lightgbm", "xgboost")
 SHADOW = "mlp"
-#: Run-time state kept in a repository, beside the model folders (hidden: no model).
-STATE_DIR = ".state"
 #: The combiner batches: one execute, one engine call per member for every queued
 #: request (perf/combiner.py: 11-15 % of its slowest member's throughput at c=32
 #: without). No queue policy: one turns off 2.51's prefetching and with it brings
@@ -53,14 +51,15 @@ COMBINER_IN_PROCESS = True
 DECIDE_SERVING = rep.Serving(instances=1)
 
 
-def shadow_log(router: str) -> Path:
+def shadow_log(repo: Path, router: str) -> Path:
     """Where a router of the examples logs its shadow, relative to its model folder.
 
-    Outside the model folder (``<repo>/.state/shadow/``): a model folder is
-    replaced whole when republished (setsuna.publish), and the log must
-    survive that. ``setsuna models compare`` reads it from the config.
+    In the repository's state folder (:func:`ensembles.lifecycle.state_dir`):
+    outside the model folder, which a republish replaces whole, and outside
+    the repository, whose every folder Triton lists as a model.
+    ``setsuna models compare`` reads it from the router's config.
     """
-    return Path("..") / STATE_DIR / "shadow" / f"{router}.jsonl"
+    return Path("..") / ".." / lifecycle.state_dir(repo).name / "shadow" / f"{router}.jsonl"
 
 
 def _prior(repo: Path, model: str) -> float:
@@ -104,7 +103,7 @@ def write_examples(repo: Path) -> list[Path]:
         one = rep.Serving(instances=1)
         out.append(
             rep.write_router(
-                repo, files / "exp.json", n, serving=one, shadow_log=shadow_log("router")
+                repo, files / "exp.json", n, serving=one, shadow_log=shadow_log(repo, "router")
             )
         )
         out.append(rep.write_signal(repo, {1: signal.Thresholds()}, serving=one))
@@ -118,7 +117,7 @@ def write_examples(repo: Path) -> list[Path]:
                 in_process=True,
                 thresholds=signal.Thresholds(),
                 serving=DECIDE_SERVING,
-                shadow_log=shadow_log("decide"),
+                shadow_log=shadow_log(repo, "decide"),
             )
         )
         out.append(

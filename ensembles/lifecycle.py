@@ -25,7 +25,7 @@ reports the new digest, and only then unloads what the old file named. A
 file no instance takes within ``settle_timeout_s`` (refused: the server log
 says why) is put back, and the step fails with nothing changed.
 
-Two operators. Every step holds ``<repo>/.state/lifecycle.lock`` (``flock``,
+Two operators. Every step holds ``lifecycle.lock`` in :func:`state_dir` (``flock``,
 not waited for): a second step while one runs is refused at once with the
 first one's operator, action and start time (:class:`DeploymentConflictError`);
 the kernel drops the lock of a killed operator. A step whose premise no
@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+from google.protobuf import text_format
 
 from ensembles import deployments, shadowlog, signal
 from ensembles.watch import file_digest
@@ -70,10 +71,22 @@ from setsuna.errors import (
 )
 from setsuna.model_config import CONFIG_NAME
 
-#: Run-time state of a repository (hidden: not a model): lock, retired versions,
-#: shadow logs of the examples, the default deployment records.
-STATE_DIR: Final = ".state"
 CANARY_SUFFIX: Final = ".canary"
+
+
+def state_dir(repo: Path) -> Path:
+    """Run-time state of repository ``repo``: ``<parent>/.<name>.state/``.
+
+    Lock, retired versions, the examples' shadow logs and the default
+    deployment records. Beside the repository, not in it: Triton lists every
+    folder of a repository in its index (a hidden one too, measured) and a
+    container started with ``--load-model=*`` would try to load it; and on
+    the same file system, so that retiring a version is a rename.
+    """
+    repo = repo.resolve()
+    return repo.parent / f".{repo.name}.state"
+
+
 _DIGEST_METRIC: Final = "setsuna_watched_file_digest"
 _POLL_S: Final = 0.05
 _INFER_TIMEOUT_S: Final = 30.0
@@ -137,7 +150,7 @@ class Lifecycle:
     repository index first, so without it every step is refused.
     ``metrics_url`` is the server's Prometheus endpoint, where the instances
     report the file they serve. ``audit_db``: the deployment records (default
-    ``<repo>/.state/deployments.db``).
+    ``<repo's parent>/.<repo name>.state/deployments.db``: :func:`state_dir`).
     """
 
     def __init__(
@@ -153,7 +166,7 @@ class Lifecycle:
     ) -> None:
         self.repo = repo.resolve()
         self.url, self.headers, self.metrics_url = url, dict(headers), metrics_url
-        self.audit_db = audit_db or self.repo / STATE_DIR / "deployments.db"
+        self.audit_db = audit_db or state_dir(self.repo) / "deployments.db"
         self.who = who or deployments.operator()
         self.settings = settings or LifecycleSettings()
         self._grpc: Any = None
@@ -263,6 +276,13 @@ class Lifecycle:
     def _check_compatible(self, name: str, live: Path, built: Path) -> None:
         a = model_config.load(live / CONFIG_NAME)
         b = model_config.load(built / CONFIG_NAME, name=name)
+        if a.version_policy.WhichOneof("policy_choice") != "all":
+            raise DeploymentError(
+                f"{live / CONFIG_NAME} serves only some of its versions (version_policy "
+                f"{text_format.MessageToString(a.version_policy, as_one_line=True) or 'latest 1'}"
+                "): loading N+1 would unload N. Rebuild the repository (make build-engines "
+                "writes version_policy all) before publishing beside a serving version"
+            )
         differ = [
             what
             for what, x, y in (
@@ -877,12 +897,12 @@ class Lifecycle:
         return folder
 
     def _retired(self, name: str) -> Path:
-        return self.repo / STATE_DIR / "retired" / name
+        return state_dir(self.repo) / "retired" / name
 
     @contextmanager
     def _lock(self, action: str, name: str) -> Iterator[None]:
-        state = self.repo / STATE_DIR
-        state.mkdir(mode=0o700, exist_ok=True)
+        state = state_dir(self.repo)
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = state / "lifecycle.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -1174,7 +1194,7 @@ def register_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def _main(args: argparse.Namespace) -> int:
     if args.action == "history":
-        db = args.audit_db or args.model_repository.resolve() / STATE_DIR / "deployments.db"
+        db = args.audit_db or state_dir(args.model_repository) / "deployments.db"
         steps = deployments.history(db, args.name)
         if args.json:
             print(json.dumps([s.to_json() for s in steps], indent=2))

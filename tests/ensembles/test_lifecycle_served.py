@@ -86,7 +86,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         salt="ab-2026",
     )
     (root / "exp.json").write_text(doc.dumps())
-    state = Path("..") / lifecycle.STATE_DIR / "shadow"
+    state = lifecycle.state_dir(repo) / "shadow"
     rep.write_router(repo, root / "exp.json", N, shadow_log=state / "router.jsonl", limits=PATIENT)
     rep.write_router(
         repo,
@@ -256,7 +256,7 @@ def test_publish_canary_promote_rollback_under_load_fail_nothing(served: Served)
         promoted = life.promote("alpha")
         t_promoted = time.monotonic()
         assert served.ready("alpha") == {2}
-        assert (served.repo / lifecycle.STATE_DIR / "retired" / "alpha" / "1").is_dir()
+        assert (lifecycle.state_dir(served.repo) / "retired" / "alpha" / "1").is_dir()
         n_before = len(decide.answers)
         wait_until("traffic on the promoted version", lambda: len(decide.answers) > n_before + 300)
         t_rollback = time.monotonic()
