@@ -209,3 +209,21 @@ def test_compare_judges_signals_differences_and_latency() -> None:
     assert c.identical_signals == 0.5
     assert c.max_abs_diff == pytest.approx(0.06, abs=1e-6)
     assert (c.primary_p50_us, c.shadow_p50_us) == (100.0, 300.0)
+
+
+def test_publishing_beside_a_latest_only_config_is_refused(tmp_path: Path) -> None:
+    """Loading N+1 under ``latest 1`` would unload N while the arms still name it."""
+    from setsuna.errors import DeploymentError
+    from tests.helpers import build_logistic_models
+
+    w = np.ones(4, np.float32)
+    x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+    repo = build_logistic_models(tmp_path, {"alpha": w}, x)
+    life = lifecycle.Lifecycle(repo, "127.0.0.1:1", {}, metrics_url="http://127.0.0.1:1/")
+    life._check_compatible("alpha", repo / "alpha", repo / "alpha")  # policy all: fine
+    config = repo / "alpha" / "config.pbtxt"
+    text = config.read_text()
+    assert "all {" in text
+    config.write_text(text.replace("all {\n  }", "latest {\n    num_versions: 1\n  }"))
+    with pytest.raises(DeploymentError, match=r"latest \{ num_versions: 1 \}.*make build-engines"):
+        life._check_compatible("alpha", repo / "alpha", repo / "alpha")

@@ -10,6 +10,7 @@ that produced it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -346,3 +347,18 @@ def test_a_second_step_while_one_holds_the_lock_is_refused_at_once(served: Serve
         other = served.life(who="someone else")
         with pytest.raises(DeploymentConflictError, match=r"promote alpha by .* since"):
             other.canary("alpha", 5)  # non-blocking: refused, never queued behind the first
+
+
+def test_history_lists_every_step_with_who_and_what(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from setsuna import cli
+
+    db = served.root / "audit.db"
+    argv = ["models", "history", "alpha", "--model-repository", str(served.repo), "--audit-db"]
+    assert cli.main([*argv, str(db), "--json"]) == 0
+    steps = json.loads(capsys.readouterr().out)
+    assert {s["action"] for s in steps} >= {"publish", "canary", "promote", "rollback"}
+    assert all(s["model"] == "alpha" and "pid" in s["who"] for s in steps)
+    assert cli.main([*argv, str(db)]) == 0
+    assert "promote  alpha" in capsys.readouterr().out
