@@ -10,10 +10,12 @@ before the decision's ``event_ns`` and routed to its ``model:version``)::
        | figures (JSON) | experiments (JSON: {model: {"before": doc, "after": doc}})
 
 ``outcome`` is ``done``, ``refused`` (nothing changed) or ``failed`` (undone:
-what served before serves). ``experiments`` holds each changed experiment
-file before and after, which is what :func:`last_undoable` hands a rollback.
-Written in one transaction per step (WAL, ``synchronous=FULL``): a step is
-recorded whole or not at all.
+what served before serves); a step writes its row as ``started`` before it
+touches a file and updates it at the end, so a step whose process was
+killed midway is still on record, with the files it was replacing.
+``experiments`` holds each changed experiment file before and after, which
+is what :func:`last_undoable` hands a rollback. Each write is one
+transaction (WAL, ``synchronous=FULL``): a row is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ CREATE TABLE IF NOT EXISTS deployments (
 CREATE INDEX IF NOT EXISTS deployments_model ON deployments (model, t_ns);
 """
 ACTIONS: Final = ("publish", "shadow", "compare", "canary", "promote", "rollback")
-OUTCOMES: Final = ("done", "refused", "failed")
+#: ``started``: written before a step touches anything, replaced by the step's outcome
+#: when it ends; one left behind is a step whose process died midway (``kill -9``).
+OUTCOMES: Final = ("started", "done", "refused", "failed")
 
 
 def operator() -> str:
@@ -167,6 +171,41 @@ def record(
     return Step(**{**step.__dict__, "id": new_id})
 
 
+def finish(
+    path: Path,
+    step_id: int,
+    *,
+    outcome: str,
+    detail: str,
+    from_version: int | None = None,
+    to_version: int | None = None,
+    figures: Mapping[str, Any] | None = None,
+    experiments: Mapping[str, Mapping[str, Any]] | None = None,
+    undoes: int | None = None,
+) -> Step:
+    """Turn the ``started`` row ``step_id`` into the step's outcome (one transaction)."""
+    if outcome not in OUTCOMES or outcome == "started":
+        raise ValueError(f"outcome {outcome!r}: one of {OUTCOMES[1:]}")
+    with _connect(path) as db:
+        db.execute(
+            "UPDATE deployments SET t_ns=?, outcome=?, detail=?, from_version=?, to_version=?, "
+            "figures=?, experiments=?, undoes=? WHERE id=?",
+            (
+                time.time_ns(),
+                outcome,
+                detail,
+                from_version,
+                to_version,
+                json.dumps(dict(figures or {}), allow_nan=True),
+                json.dumps(dict(experiments or {})),
+                undoes,
+                step_id,
+            ),
+        )
+        row = db.execute("SELECT * FROM deployments WHERE id = ?", (step_id,)).fetchone()
+    return _step(row)
+
+
 def history(path: Path, model: str | None = None, limit: int = 100) -> list[Step]:
     """The newest ``limit`` steps (of ``model``), oldest first."""
     if not path.exists():
@@ -180,7 +219,8 @@ def history(path: Path, model: str | None = None, limit: int = 100) -> list[Step
 
 
 def last_undoable(path: Path) -> Step | None:
-    """The newest ``done`` step that changed experiments and has not been rolled back.
+    """The newest ``done`` (or interrupted: ``started``) step that changed experiments
+    and has not been rolled back.
 
     Rollbacks undo in stack order: a second rollback undoes the step before
     the first one's.
@@ -189,7 +229,8 @@ def last_undoable(path: Path) -> Step | None:
         return None
     with _connect(path) as db:
         rows = db.execute(
-            "SELECT * FROM deployments WHERE outcome = 'done' AND experiments != '{}' "
+            "SELECT * FROM deployments WHERE outcome IN ('done', 'started') "
+            "AND experiments != '{}' "
             "ORDER BY id DESC"
         ).fetchall()
     undone: set[int] = set()

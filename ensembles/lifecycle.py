@@ -170,6 +170,8 @@ class Lifecycle:
         self.who = who or deployments.operator()
         self.settings = settings or LifecycleSettings()
         self._grpc: Any = None
+        self._step: tuple[str, str] = ("", "")
+        self._intent: int | None = None
 
     # ------------------------------------------------------------------ publish
 
@@ -218,6 +220,7 @@ class Lifecycle:
             manifest.verify_sealed(staged)
             preflight = self._preflight(staged)
             publish.sync_tree(box)
+            self._begin(from_version=from_version, to=version)
             staged.rename(live / str(version))
             publish.fsync_dir(live)
         except (SetsunaError, OSError) as exc:
@@ -628,6 +631,7 @@ class Lifecycle:
                 return self._refuse(
                     "rollback", "*", DeploymentError(f"nothing to roll back in {self.audit_db}")
                 )
+            self._step = ("rollback", step.model)  # recorded under the model it undoes
             files = {f.model: f for f in self._experiment_files()}
             changes = []
             for model, texts in step.experiments.items():
@@ -639,6 +643,8 @@ class Lifecycle:
                         DeploymentError(f"{model} (changed by step {step.id}) is gone"),
                     )
                 now, _ = f.read()
+                if step.outcome == "started" and now == texts["before"]:
+                    continue  # an interrupted step that never wrote this file
                 if now != texts["after"]:
                     return self._refuse(
                         "rollback",
@@ -754,8 +760,28 @@ class Lifecycle:
                 out.append(f)
         return out
 
+    def _begin(self, changes: Sequence[Change] = (), **versions: int | None) -> None:
+        """Record the step as ``started`` before it touches anything (its row is updated at
+        the end): a step killed midway stays on record with the files it was replacing."""
+        if self._intent is not None:
+            return
+        action, name = self._step
+        self._intent = deployments.record(
+            self.audit_db,
+            action=action,
+            model=name,
+            outcome="started",
+            detail=f"{action} {name}: started; no outcome recorded (still running, or the "
+            "process died: `setsuna models rollback` undoes its files)",
+            who=self.who,
+            from_version=versions.get("from_version"),
+            to_version=versions.get("to"),
+            experiments={c.file.model: {"before": c.before, "after": c.after} for c in changes},
+        ).id
+
     def _apply(self, changes: Sequence[Change]) -> float:
         """Write every file, wait until every instance serves it; undo all if one does not."""
+        self._begin(changes)
         began = time.monotonic()
         for c in changes:
             _write_atomic(c.file.path, c.after)
@@ -767,8 +793,10 @@ class Lifecycle:
             try:
                 self._settle(changes, lambda c: c.before)
             except DeploymentError as again:
-                raise DeploymentError(f"{exc}; putting the old files back: {again}") from None
-            raise DeploymentError(f"{exc}; the old files are back in force") from None
+                detail = f"{exc}; the old files are back on disk, but: {again}"
+            else:
+                detail = f"{exc}; the old files are back in force"
+            self._record(*self._step, "failed", detail, changes=changes, raise_as=DeploymentError)
         return time.monotonic() - began
 
     def _settle(self, changes: Sequence[Change], text: Any) -> None:
@@ -917,8 +945,10 @@ class Lifecycle:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{action} {name} by {self.who} since {stamp} UTC\n".encode(), 0)
+            self._step, self._intent = (action, name), None
             yield
         finally:
+            self._intent = None
             os.close(fd)
 
     def _record(
@@ -935,19 +965,22 @@ class Lifecycle:
         undoes: int | None = None,
         raise_as: type[SetsunaError] | None = None,
     ) -> deployments.Step:
-        step = deployments.record(
-            self.audit_db,
-            action=action,
-            model=name,
-            outcome=outcome,
-            detail=detail,
-            who=self.who,
-            from_version=from_version,
-            to_version=to,
-            figures=figures,
-            experiments={c.file.model: {"before": c.before, "after": c.after} for c in changes},
-            undoes=undoes,
-        )
+        fields: dict[str, Any] = {
+            "outcome": outcome,
+            "detail": detail,
+            "from_version": from_version,
+            "to_version": to,
+            "figures": figures,
+            "experiments": {c.file.model: {"before": c.before, "after": c.after} for c in changes},
+            "undoes": undoes,
+        }
+        if self._intent is not None:
+            step = deployments.finish(self.audit_db, self._intent, **fields)
+            self._intent = None
+        else:
+            step = deployments.record(
+                self.audit_db, action=action, model=name, who=self.who, **fields
+            )
         if raise_as is not None:
             raise raise_as(f"{detail} (recorded as step {step.id})")
         return step

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -362,3 +363,38 @@ def test_history_lists_every_step_with_who_and_what(
     assert all(s["model"] == "alpha" and "pid" in s["who"] for s in steps)
     assert cli.main([*argv, str(db)]) == 0
     assert "promote  alpha" in capsys.readouterr().out
+
+
+def test_a_step_killed_midway_is_on_record_and_rolls_back(served: Served) -> None:
+    """``kill -9`` of an operator's canary after it replaced the files and while it waits
+    for the instances (its metrics endpoint never answers): the step is on record as
+    started, the kernel released the lock, and a rollback restores the files."""
+    assert served.life().publish("alpha", served.build).to_version == 3  # to canary
+    files = {m: served.repo / m / EXPERIMENT_FILE for m in ("router", "decide")}
+    before = {m: f.read_text() for m, f in files.items()}
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)  # connections complete in the kernel; nobody ever answers
+    env = {**os.environ, ADMIN_TOKEN_ENV: served.server.admin_token}
+    argv = [
+        sys.executable, "-m", "setsuna.cli", "models", "canary", "alpha", "--percent", "30",
+        "--url", served.server.grpc_url,
+        "--metrics-url", f"http://127.0.0.1:{mute.getsockname()[1]}/metrics",
+        "--model-repository", str(served.repo), "--audit-db", str(served.root / "audit.db"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    try:
+        wait_until(
+            "the canary to replace the files",
+            lambda: all(f.read_text() != before[m] for m, f in files.items()),
+        )
+        proc.kill()
+        proc.wait(30)
+    finally:
+        mute.close()
+    last = deployments.history(served.root / "audit.db")[-1]
+    assert (last.action, last.outcome) == ("canary", "started")
+    assert set(last.experiments) == {"router", "decide"}
+    rolled = served.life().rollback()  # the lock died with its holder
+    assert rolled.undoes == last.id
+    assert {m: f.read_text() for m, f in files.items()} == before
