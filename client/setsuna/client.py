@@ -449,10 +449,18 @@ class Client:
         """Score ``features`` (one row or a batch) with ``model``; see the module docstring."""
         budget_ms = self._core.budget_ms(deadline_ms)
         start = time.perf_counter()
-        if self._pool is None:
+        pool = self._pool
+        if pool is None:
             return self._infer(model, features, key, budget_ms, start, version, outputs)
-        with self._pool.lease(model, deadline_s=budget_ms / 1e3):  # loads an evicted model
-            return self._infer(model, features, key, budget_ms, start, version, outputs)
+        for retry in (False, True):  # loads an evicted model within the budget
+            left_s = budget_ms / 1e3 - (time.perf_counter() - start)
+            with pool.lease(model, deadline_s=left_s):
+                try:
+                    return self._infer(model, features, key, budget_ms, start, version, outputs)
+                except ModelNotReadyError:
+                    if retry or not pool.forget(model):  # unloaded by someone else: once more
+                        raise
+        raise AssertionError("unreachable")
 
     def _infer(
         self,

@@ -100,11 +100,14 @@ _TOKEN_HELP: Final = (
 
 
 class Pool(Protocol):
-    """What the SDK needs of a pool: a lease around each call (:meth:`ModelPool.lease`)."""
+    """What the SDK needs of a pool: a lease around each call (:meth:`ModelPool.lease`),
+    and a way to say a model it called was not there (:meth:`ModelPool.forget`)."""
 
     def lease(
         self, model: str, *, deadline_s: float | None = None
     ) -> contextlib.AbstractContextManager[None]: ...
+
+    def forget(self, model: str) -> bool: ...
 
 
 # --------------------------------------------------------------------------- settings
@@ -121,6 +124,10 @@ class PoolSettings:
     models loaded at start and never evicted. ``check_interval_s``: how often
     the background thread applies the TTL and the budget to models loaded by
     anyone. ``settle_timeout_s``: how long :meth:`ModelPool.settle` waits.
+    ``settle_before_load``: after evicting to make room, wait until those
+    evictions settled (stubs exited, ~2.3 s for a Python model here) before
+    loading, so memory stays within the budget at its peak too, at that cost
+    to the first request of an evicted model.
     """
 
     memory_budget_mb: float
@@ -129,6 +136,7 @@ class PoolSettings:
     pinned: tuple[str, ...] = ()
     check_interval_s: float = 1.0
     settle_timeout_s: float = 60.0
+    settle_before_load: bool = False
 
     def __post_init__(self) -> None:
         budget = self.memory_budget_mb
@@ -163,6 +171,8 @@ class PoolSettings:
                 )
         if len(set(self.pinned)) != len(self.pinned):
             raise ConfigError(f"pinned lists a model twice: {list(self.pinned)}")
+        if not isinstance(self.settle_before_load, bool):
+            raise ConfigError(f"settle_before_load={self.settle_before_load!r}: give True or False")
 
 
 def _not_number(value: object) -> bool:
@@ -390,6 +400,17 @@ class ModelPool:
                 entry.in_flight -= 1
                 entry.last_use_ms = max(entry.last_use_ms, _now_ms())
 
+    def forget(self, model: str) -> bool:
+        """A call found ``model`` not loaded although the pool thought it READY (someone
+        else unloaded it): the next lease checks with Triton and loads it again. True
+        when the pool had it as READY (a retry can help)."""
+        with self._lock:
+            entry = self._entries.get(model)
+            if entry is None or entry.state != READY:
+                return False
+            entry.state = ""
+            return True
+
     def load(self, model: str, *, deadline_s: float | None = None) -> None:
         """Make sure ``model`` is loaded (as a lease would), without holding it."""
         with self.lease(model, deadline_s=deadline_s):
@@ -457,6 +478,10 @@ class ModelPool:
         with self._io_lock:
             self._refresh()
             self._read_pending()
+        return self._snapshot()
+
+    def snapshot(self) -> PoolStatus:
+        """The status as last read (no call to Triton, never waits for a load)."""
         return self._snapshot()
 
     def held_mb(self) -> float:
@@ -538,7 +563,9 @@ class ModelPool:
             return  # loaded by someone else meanwhile
         need = self._estimate(entry)
         self._read_pending()
-        self._make_room(need, exclude=model, size_known=entry.server_mb is not None)
+        evicted = self._make_room(need, exclude=model, size_known=entry.server_mb is not None)
+        if evicted and self.settings.settle_before_load:
+            self._wait_settled(evicted)
         before = self._server_pss()
         began = time.perf_counter()
         with self._lock:
@@ -575,6 +602,22 @@ class ModelPool:
             self._unload(model)
             self._event(model, "refused", str(exc), entry.memory_mb, took, logging.ERROR)
             raise
+
+    def _wait_settled(self, names: list[str]) -> None:
+        """Until every model in ``names`` finished unloading and its stubs exited."""
+        deadline = time.monotonic() + self.settings.settle_timeout_s
+        while True:
+            self._refresh()
+            with self._lock:
+                busy = [
+                    n
+                    for n in names
+                    if n in self._entries
+                    and (self._entries[n].state == UNLOADING or self._entries[n].stubs)
+                ]
+            if not busy or time.monotonic() >= deadline:
+                return  # past the timeout the load goes ahead; settle() reports it
+            self._stop.wait(0.02)  # Triton has no unload-complete event to wait on
 
     def _estimate(self, entry: _Entry) -> float:
         """MiB a load of ``entry`` will take: its last measure, else the median measured."""

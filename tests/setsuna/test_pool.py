@@ -335,6 +335,23 @@ def test_an_evicted_model_is_loaded_by_its_first_request(server: LocalTriton) ->
         np.testing.assert_allclose(logit["score"].ravel(), want, rtol=1e-5)
 
 
+def test_a_model_someone_else_unloaded_is_loaded_again_by_the_next_call(
+    server: LocalTriton,
+) -> None:
+    pool = _pool(server)  # not started: no background pass to notice the unload first
+    try:
+        with _client(server, pool) as client:
+            client.infer("m2", X[:1, :4])
+            with grpcclient.InferenceServerClient(server.grpc_url) as other:
+                other.unload_model("m2", headers=server.grpc_admin_headers)
+            wait_until("m2 unloaded", lambda: _states(server)["m2"] == "UNAVAILABLE")
+            out = client.infer("m2", X[:2, :4])  # the pool still had it READY: told, reloads
+            np.testing.assert_array_equal(out["score"], X[:2, :4])
+            assert pool.loads == 2
+    finally:
+        pool.stop()
+
+
 def test_a_load_longer_than_the_deadline_is_a_retryable_loading_error(
     server: LocalTriton, gates: Gates
 ) -> None:
