@@ -61,6 +61,13 @@ perf: $(STAMP) perf-setup
 	$(PY) -m perf.ensembles --model-repository $(REPO)/local --rounds 5
 	$(PY) perf/features.py
 
+## The model pool (setsuna.pool): cold loads per engine kind, evicted vs loaded first
+## requests, memory against the budget under Zipf traffic over 50 models (~4 min, not CI).
+POOL_FLAGS ?=
+.PHONY: perf-pool
+perf-pool: $(STAMP)
+	$(PY) -m perf.pool $(POOL_FLAGS)
+
 ## Hardening probes against a real local tritonserver (tiny models in a temp dir; ~1 min, not CI):
 ## prints probe | expected | observed | verdict, writes .cache/reliability/, exits 1 on a FAIL.
 reliability: $(STAMP)
