@@ -24,25 +24,43 @@ import numpy.typing as npt
 from ensembles import names
 from setsuna import manifest, runtime
 from setsuna.contract import Target
+from setsuna.errors import EngineError
 
 
 class InProcessEngines:
-    """Engines of ``repo/<model>/<version>/``, loaded once per ``model:version``."""
+    """Engines of ``repo/<model>/<version>/``, loaded once per ``model:version``.
+
+    Only the engines the file in force names are kept, plus those of the file
+    before it (a batch that began under the old file finishes with its
+    engines): a model that sees a new version published every day does not
+    keep every engine it ever loaded.
+    """
 
     def __init__(self, repo: Path) -> None:
         self.repo = repo
         self.engines: dict[str, runtime.Engine] = {}
+        self._previous: dict[str, runtime.Engine] = {}
 
     def prepare(self, targets: Iterable[Target]) -> None:
-        """Load every target not loaded yet; all or nothing."""
+        """Hold exactly ``targets`` (and the previous set); load what is new. All or nothing."""
+        wanted = {t.label: t for t in targets}
         fresh = {}
-        for t in targets:
-            if t.label in self.engines or t.label in fresh:
+        for label, t in wanted.items():
+            if label in self.engines or label in self._previous:
                 continue
             folder = names.inside(self.repo, t.model, str(t.version))  # never outside the repo
             m = manifest.verify_sealed(folder)  # signed by a trusted publisher, as a stub would
-            fresh[t.label] = runtime.load(m.engine, folder, m.engine_params)
-        self.engines.update(fresh)
+            fresh[label] = runtime.load(m.engine, folder, m.engine_params)
+        held = {**self._previous, **self.engines, **fresh}
+        current = {label: held[label] for label in wanted}
+        if current.keys() != self.engines.keys():
+            self._previous = self.engines
+        self.engines = current  # one assignment: a reader sees the old dict or the new one
 
     def predict(self, target: Target, x: npt.NDArray[np.float32]) -> Any:
-        return self.engines[target.label].predict(x)
+        engine = self.engines.get(target.label) or self._previous.get(target.label)
+        if engine is None:
+            raise EngineError(
+                f"{target.label} was released: its file changed twice during this batch; retry"
+            )
+        return engine.predict(x)

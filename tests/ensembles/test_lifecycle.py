@@ -227,3 +227,31 @@ def test_publishing_beside_a_latest_only_config_is_refused(tmp_path: Path) -> No
     config.write_text(text.replace("all {\n  }", "latest {\n    num_versions: 1\n  }"))
     with pytest.raises(DeploymentError, match=r"latest \{ num_versions: 1 \}.*make build-engines"):
         life._check_compatible("alpha", repo / "alpha", repo / "alpha")
+
+
+def test_in_process_engines_keep_the_file_in_force_and_the_one_before(tmp_path: Path) -> None:
+    """``decide`` and the combiner would otherwise hold every version they ever served."""
+    import shutil
+
+    from ensembles.models.in_process import InProcessEngines
+    from setsuna import seal
+    from setsuna.errors import EngineError
+    from tests.helpers import build_logistic_models
+
+    x = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+    repo = build_logistic_models(tmp_path, {"alpha": np.ones(4, np.float32)}, x)
+    for v in (2, 3):
+        shutil.copytree(repo / "alpha" / "1", repo / "alpha" / str(v))
+        seal.remove_seal(repo / "alpha" / str(v))
+        seal.seal_version(repo / "alpha" / str(v))
+    a1, a2, a3 = (Target("alpha", v) for v in (1, 2, 3))
+    engines = InProcessEngines(repo)
+    engines.prepare([a1])
+    engines.prepare([a2])
+    assert engines.predict(a1, x[:2]).shape == (2, 1)  # a batch begun under the old file
+    engines.prepare([a2, a3])
+    assert set(engines.engines) == {"alpha:2", "alpha:3"}
+    with pytest.raises(EngineError, match="alpha:1 was released"):
+        engines.predict(a1, x[:2])
+    engines.prepare([a1])  # a rollback: loaded again from its folder
+    assert engines.predict(a1, x[:2]).shape == (2, 1)

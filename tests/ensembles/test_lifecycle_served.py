@@ -215,6 +215,13 @@ def test_a_bad_publish_leaves_the_serving_version_and_says_why(served: Served) -
     _rebuild(nan / "1", lambda d: logistic_onnx(d / "model.onnx", nan_w, 0.0))
     cases["engine that fails warm-up"] = (nan.parent, "pre-flight.*non-finite scores")
 
+    garbled = served.root / "bad" / "garbled" / "alpha"
+    shutil.copytree(served.build / "alpha", garbled)
+    (garbled / "config.pbtxt").write_text('name: "alpha"\nmax_batch_size: many\n')
+    seal.remove_seal(garbled / "1")
+    seal.seal_version(garbled / "1")  # signed as garbled: only the schema can refuse it
+    cases["config Triton's schema rejects"] = (garbled.parent, "config.pbtxt:2:")
+
     wide = RNG.normal(size=(300, N + 1)).astype(np.float32)
     other = build_logistic_models(served.root / "bad" / "wide", {"alpha": wide[0]}, wide)
     cases["config that differs"] = (other, "differs from the served config")
@@ -225,7 +232,7 @@ def test_a_bad_publish_leaves_the_serving_version_and_says_why(served: Served) -
         assert served.ready("alpha") == {1}, what
         assert sorted(p.name for p in (served.repo / "alpha").iterdir() if p.is_dir()) == ["1"]
     history = deployments.history(served.root / "audit.db", "alpha")
-    assert [s.outcome for s in history[-4:]] == ["refused"] * 4
+    assert [s.outcome for s in history[-5:]] == ["refused"] * 5
     # Behind the pre-flight, Triton's own load is the second line: without it, the
     # engine that cannot load fails inside TRITONBACKEND_ModelInstanceInitialize
     # (before any backend thread exists: not the warm-up crash) and is taken out.
