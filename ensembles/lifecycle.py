@@ -844,6 +844,10 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ Triton
 
+    def check_token(self) -> None:
+        """Raise ServerError unless the server accepts this lifecycle's admin token."""
+        self._index()
+
     def _client(self) -> Any:
         if self._grpc is None:
             import tritonclient.grpc as grpcclient
@@ -1226,16 +1230,6 @@ def register_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.action == "history":
-        db = args.audit_db or state_dir(args.model_repository) / "deployments.db"
-        steps = deployments.history(db, args.name)
-        if args.json:
-            print(json.dumps([s.to_json() for s in steps], indent=2))
-        for s in [] if args.json else steps:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.t_ns / 1e9))
-            print(f"{s.id:>4} {when} {s.action:<8} {s.model:<12} {s.outcome:<8} {s.who}")
-            print(f"       {s.detail}")
-        return 0
     life = Lifecycle(
         args.model_repository,
         args.url,
@@ -1243,6 +1237,16 @@ def _main(args: argparse.Namespace) -> int:
         metrics_url=args.metrics_url,
         audit_db=args.audit_db,
     )
+    if args.action == "history":
+        life.check_token()  # every verb, reading included, answers to the server's token
+        steps = deployments.history(life.audit_db, args.name)
+        if args.json:
+            print(json.dumps([s.to_json() for s in steps], indent=2))
+        for s in [] if args.json else steps:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.t_ns / 1e9))
+            print(f"{s.id:>4} {when} {s.action:<8} {s.model:<12} {s.outcome:<8} {s.who}")
+            print(f"       {s.detail}")
+        return 0
     if args.action == "compare":
         since = 0 if args.since_s is None else time.time_ns() - int(args.since_s * 1e9)
         found = life.compare(args.name, args.version, since_ns=since)

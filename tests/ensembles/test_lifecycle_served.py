@@ -184,13 +184,22 @@ def test_without_the_admin_token_every_step_is_refused(served: Served) -> None:
             step()
     assert served.ready("alpha") == {1}
     assert not (served.repo / "alpha" / "2").exists()
-    env = {k: v for k, v in os.environ.items() if k != ADMIN_TOKEN_ENV}
-    cli = subprocess.run(
-        [sys.executable, "-m", "setsuna.cli", "models", "promote", "alpha",
-         "--url", served.server.grpc_url, "--model-repository", str(served.repo)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert cli.returncode == 2 and ADMIN_TOKEN_ENV in cli.stderr, cli.stderr
+    verbs = [
+        ["publish", "alpha", "--from", str(served.build)], ["shadow", "alpha"],
+        ["compare", "alpha"], ["canary", "alpha", "--percent", "5"], ["promote", "alpha"],
+        ["rollback"], ["history"],
+    ]  # fmt: skip
+    for env in (
+        {k: v for k, v in os.environ.items() if k != ADMIN_TOKEN_ENV},
+        {**os.environ, ADMIN_TOKEN_ENV: "not-the-servers-token-0123"},
+    ):
+        for verb in verbs:
+            cli = subprocess.run(
+                [sys.executable, "-m", "setsuna.cli", "models", *verb,
+                 "--url", served.server.grpc_url, "--model-repository", str(served.repo)],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert cli.returncode == 2 and ADMIN_TOKEN_ENV in cli.stderr, (verb, cli.stderr)
 
 
 def test_a_bad_publish_leaves_the_serving_version_and_says_why(served: Served) -> None:
@@ -358,12 +367,13 @@ def test_a_second_step_while_one_holds_the_lock_is_refused_at_once(served: Serve
 
 
 def test_history_lists_every_step_with_who_and_what(
-    served: Served, capsys: pytest.CaptureFixture[str]
+    served: Served, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from setsuna import cli
 
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, served.server.admin_token)
     db = served.root / "audit.db"
-    argv = ["models", "history", "alpha", "--model-repository", str(served.repo), "--audit-db"]
+    argv = ["models", "history", "alpha", "--url", served.server.grpc_url, "--audit-db"]
     assert cli.main([*argv, str(db), "--json"]) == 0
     steps = json.loads(capsys.readouterr().out)
     assert {s["action"] for s in steps} >= {"publish", "canary", "promote", "rollback"}
