@@ -68,6 +68,12 @@ POOL_FLAGS ?=
 perf-pool: $(STAMP)
 	$(PY) -m perf.pool $(POOL_FLAGS)
 
+## A morning's deployment of lightgbm (publish, shadow, compare, canary 10 %, promote,
+## rollback) on a copy of the built repository under decide at c=8 (~1.5 min, not CI).
+.PHONY: perf-lifecycle
+perf-lifecycle: $(STAMP)
+	$(PY) -m perf.lifecycle --model-repository $(REPO)/local
+
 ## Hardening probes against a real local tritonserver (tiny models in a temp dir; ~1 min, not CI):
 ## prints probe | expected | observed | verdict, writes .cache/reliability/, exits 1 on a FAIL.
 reliability: $(STAMP)
