@@ -342,8 +342,12 @@ class ModelPool:
         """Load the pinned models (they must fit), then run the TTL/budget thread."""
         if self._thread is not None:
             return self
-        for name in self.settings.pinned:
-            self.load(name, deadline_s=self.settings.load_timeout_s)
+        try:
+            for name in self.settings.pinned:
+                self.load(name, deadline_s=self.settings.load_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="setsuna-pool-ttl", daemon=True)
         self._thread.start()
@@ -474,7 +478,8 @@ class ModelPool:
             return True
 
     def status(self) -> PoolStatus:
-        """Every model the pool knows of, with memory, use and state (reads Triton now)."""
+        """Every model the pool knows of, with memory, use and state (reads Triton now;
+        waits while a load runs: :meth:`snapshot` never does)."""
         with self._io_lock:
             self._refresh()
             self._read_pending()
