@@ -51,14 +51,14 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 from google.protobuf import text_format
 
-from ensembles import deployments, shadowlog, signal
+from ensembles import deployments, members, selection, shadowlog, signal
 from ensembles.watch import file_digest
 from setsuna import manifest, model_config, publish, seal
 from setsuna.contract import ExperimentDoc, Target
@@ -116,28 +116,39 @@ class LifecycleSettings:
 
 
 @dataclass(frozen=True)
-class ExperimentFile:
-    """A model that serves from an experiment file (a router, ``decide``)."""
+class WatchedFile:
+    """A model that serves from a watched JSON file (experiment, members, selector)."""
 
     model: str
     path: Path
     instances: int
-    shadow_log: Path | None
-    thresholds: signal.Thresholds
+    #: The config parameter naming it: ``experiment_file``, ``members_file``, ...
+    parameter: str
 
-    def read(self) -> tuple[str, ExperimentDoc]:
+    def text(self) -> str:
         try:
-            text = self.path.read_text()
+            return self.path.read_text()
         except OSError as exc:
             raise DeploymentError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+
+
+@dataclass(frozen=True)
+class ExperimentFile(WatchedFile):
+    """A model that serves from an experiment file (a router, ``decide``)."""
+
+    shadow_log: Path | None = None
+    thresholds: signal.Thresholds = field(default_factory=signal.Thresholds)
+
+    def read(self) -> tuple[str, ExperimentDoc]:
+        text = self.text()
         return text, ExperimentDoc.loads(text, origin=str(self.path))
 
 
 @dataclass(frozen=True)
 class Change:
-    """One experiment file's new text, and what it held before."""
+    """One watched file's new text, and what it held before."""
 
-    file: ExperimentFile
+    file: WatchedFile
     before: str
     after: str
 
@@ -533,10 +544,12 @@ class Lifecycle:
 
     def promote(self, name: str, version: int | None = None) -> deployments.Step:
         """Make ``name:version`` (default: the canary's, else the newest READY) the only
-        version of ``name`` every experiment routes to; unload the others once drained.
+        version of ``name`` every experiment routes to, and the one a combiner's
+        members and a selector's variants name; unload the others once drained.
 
-        A version still named by another file (a combiner's members, a
-        selector's variants) stays loaded, and the note says which file.
+        A file that already names ``version`` beside an older one (a selector
+        comparing both) is left as it is; the older version then stays loaded
+        and the note says which file keeps it.
         """
         self._index()
         with self._lock("promote", name):
@@ -561,6 +574,13 @@ class Lifecycle:
                 old |= replaced
                 if new is not None:
                     changes.append(Change(f, text, new.dumps()))
+            for w in self._watched_files():  # a combiner's members, a selector's variants
+                if isinstance(w, ExperimentFile):
+                    continue
+                text = w.text()
+                retargeted = _retargeted(text, name, version, w)
+                if retargeted is not None:
+                    changes.append(Change(w, text, retargeted))
             if not changes:
                 return self._refuse(
                     "promote",
@@ -632,7 +652,7 @@ class Lifecycle:
                     "rollback", "*", DeploymentError(f"nothing to roll back in {self.audit_db}")
                 )
             self._step = ("rollback", step.model)  # recorded under the model it undoes
-            files = {f.model: f for f in self._experiment_files()}
+            files = {f.model: f for f in self._watched_files()}
             changes = []
             for model, texts in step.experiments.items():
                 f = files.get(model)
@@ -642,7 +662,7 @@ class Lifecycle:
                         step.model,
                         DeploymentError(f"{model} (changed by step {step.id}) is gone"),
                     )
-                now, _ = f.read()
+                now = f.text()
                 if step.outcome == "started" and now == texts["before"]:
                     continue  # an interrupted step that never wrote this file
                 if now != texts["after"]:
@@ -682,9 +702,8 @@ class Lifecycle:
         """Load back every version the restored files name that is not READY."""
         need: dict[str, set[int]] = {}
         for c in changes:
-            doc = ExperimentDoc.loads(c.after, origin=str(c.file.path))
-            for t in (*doc.arms.values(), *([doc.shadow] if doc.shadow else [])):
-                need.setdefault(t.model, set()).add(t.version)
+            for model, version in _all_targets(json.loads(c.after)):
+                need.setdefault(model, set()).add(version)
         restored = []
         for model, versions in sorted(need.items()):
             missing = versions - self._ready(model)
@@ -709,8 +728,9 @@ class Lifecycle:
 
     # ------------------------------------------------------------------ experiment files
 
-    def _experiment_files(self) -> list[ExperimentFile]:
-        out = []
+    def _watched_files(self) -> list[WatchedFile]:
+        """Every model serving from a watched file; experiments as :class:`ExperimentFile`."""
+        out: list[WatchedFile] = []
         for folder in sorted(p for p in self.repo.iterdir() if p.is_dir()):
             if folder.name.startswith(".") or not (folder / CONFIG_NAME).is_file():
                 continue
@@ -719,21 +739,34 @@ class Lifecycle:
             except ConfigError:
                 continue
             params = {k: v.string_value for k, v in cfg.parameters.items()}
-            if "experiment_file" not in params:
-                continue
-            log = params.get("shadow_log")
-            versions = sorted(int(p.name) for p in folder.iterdir() if _is_version(p))
-            own = folder / str(versions[-1]) / signal.THRESHOLDS_FILE if versions else None
-            out.append(
-                ExperimentFile(
-                    folder.name,
-                    _under(folder, params["experiment_file"]),
-                    sum(g.count or 1 for g in cfg.instance_group) or 1,
-                    _under(folder, log) if log else None,
-                    signal.load_thresholds(own) if own and own.is_file() else self._thresholds(),
+            instances = sum(g.count or 1 for g in cfg.instance_group) or 1
+            for parameter in ("experiment_file", *_OTHER_FILES):
+                if parameter not in params:
+                    continue
+                path = _under(folder, params[parameter])
+                if parameter != "experiment_file":
+                    out.append(WatchedFile(folder.name, path, instances, parameter))
+                    continue
+                log = params.get("shadow_log")
+                versions = sorted(int(p.name) for p in folder.iterdir() if _is_version(p))
+                own = folder / str(versions[-1]) / signal.THRESHOLDS_FILE if versions else None
+                thresholds = (
+                    signal.load_thresholds(own) if own and own.is_file() else self._thresholds()
                 )
-            )
+                out.append(
+                    ExperimentFile(
+                        folder.name,
+                        path,
+                        instances,
+                        parameter,
+                        _under(folder, log) if log else None,
+                        thresholds,
+                    )
+                )
         return out
+
+    def _experiment_files(self) -> list[ExperimentFile]:
+        return [f for f in self._watched_files() if isinstance(f, ExperimentFile)]
 
     def _thresholds(self) -> signal.Thresholds:
         """The ``signal`` model's newest thresholds (what ``decision`` applies), else defaults."""
@@ -1110,6 +1143,46 @@ def _promoted(doc: ExperimentDoc, name: str, version: int) -> tuple[ExperimentDo
     new = ExperimentDoc(doc.name, doc.salt, arms, doc.versions, shadow)
     base_doc = ExperimentDoc.from_json(new.to_json(), origin=f"experiment {doc.name!r}")
     return base_doc.then(weights), replaced
+
+
+#: Watched files other than experiments: the parameter naming them, and their validator.
+_OTHER_FILES: Final = {"members_file": members.loads, "selector_file": selection.loads}
+
+
+def _retargeted(text: str, name: str, version: int, f: WatchedFile) -> str | None:
+    """``text`` with every ``{"model": name, "version": v}`` on ``version``; None when
+    nothing changes, or when the file names ``version`` already (retargeting would
+    list it twice: the file keeps what it names, and promote says so)."""
+    doc = json.loads(text)
+    found = set(_targets_in(doc, name))
+    if not found - {version} or version in found:
+        return None
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("model") == name and isinstance(node.get("version"), int):
+                node = {**node, "version": version}
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    out = json.dumps(walk(doc), indent=2) + "\n"
+    _OTHER_FILES[f.parameter](out.encode(), str(f.path))  # as the model will validate it
+    return out
+
+
+def _all_targets(doc: Any) -> Iterator[tuple[str, int]]:
+    """Every ``{"model": m, "version": v}`` in a JSON document."""
+    if isinstance(doc, dict):
+        m, v = doc.get("model"), doc.get("version")
+        if isinstance(m, str) and isinstance(v, int) and not isinstance(v, bool):
+            yield m, v
+        for x in doc.values():
+            yield from _all_targets(x)
+    elif isinstance(doc, list):
+        for x in doc:
+            yield from _all_targets(x)
 
 
 def _references(repo: Path, name: str) -> dict[int, list[str]]:

@@ -100,6 +100,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         shadow_log=state / "decide.jsonl",
         limits=PATIENT,
     )
+    members = {
+        "format": 1,
+        "method": "mean",
+        "members": [{"model": m, "version": 1, "weight": 1.0} for m in ("alpha", "beta")],
+    }
+    (root / "members.json").write_text(json.dumps(members))
+    rep.write_combiner(repo, root / "members.json", N, in_process=True, limits=PATIENT)
     with LocalTriton.on_free_ports(repo, log_path=root / "triton.log") as server:
         yield Served(server, root, repo, build)
 
@@ -290,6 +297,12 @@ def test_publish_canary_promote_rollback_under_load_fail_nothing(served: Served)
         }
         assert "alpha:1" not in after_promote, "an answer from the unloaded version"
     assert served.ready("alpha") == {1, 2}  # the rollback loaded version 1 back
+    # The combiner's members moved with the promote (so nothing kept 1 loaded) and back.
+    assert set(promoted.experiments) == {"router", "decide", "combiner"}
+    promoted_members = json.loads(promoted.experiments["combiner"]["after"])["members"]
+    assert {(m["model"], m["version"]) for m in promoted_members} == {("alpha", 2), ("beta", 1)}
+    now = json.loads((served.repo / "combiner" / "members.json").read_text())["members"]
+    assert {(m["model"], m["version"]) for m in now} == {("alpha", 1), ("beta", 1)}
     assert rolled.undoes == promoted.id and rolled.figures["reloaded"] == ["alpha:1"]
     p99 = decide.p99_ms
     print(
