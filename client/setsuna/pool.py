@@ -494,13 +494,24 @@ class ModelPool:
         return self.status().held_mb
 
     def settle(self, timeout_s: float | None = None) -> PoolStatus:
-        """Wait until no eviction is still unloading (stubs exited); the status then."""
+        """Apply the budget to fresh measurements (:meth:`enforce`) and wait until no
+        eviction is still unloading (stubs exited); again until a pass evicts nothing.
+
+        A stub grows after its load (its first requests touch pages the load did
+        not), so a model admitted on its size at load can take the pool over the
+        budget later; the background thread catches that at its next check, and
+        this does it now. Returns the status then.
+        """
         wait_s = self.settings.settle_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + wait_s
+        evicted = self.enforce()
         while True:
             snap = self.status()
             if not snap.settling:
-                return snap
+                if not evicted:
+                    return snap
+                evicted = self.enforce()
+                continue
             if time.monotonic() >= deadline:
                 raise ServerError(
                     f"models {list(snap.settling)} were still unloading after {wait_s:g} s; "

@@ -323,6 +323,11 @@ class ServerSettings:
             # stays up and ready, and each model's own readiness says which failed.
             "--strict-readiness=false",
             "--exit-on-error=false",
+            # Every config setsuna writes is complete (built as Triton's ModelConfig and
+            # parsed by its schema); auto-completion would start a whole Python stub per
+            # Python-backend load just to ask for a config (LaunchAutoCompleteStubProcess):
+            # ~1.3 s of a 1.45 s cold load (perf/pool.py, docs/architecture.md).
+            "--disable-auto-complete-config",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             *http,
             f"--grpc-address={self.bind_address}",
