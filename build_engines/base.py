@@ -24,7 +24,7 @@ from setsuna.schema import FeatureSchema
 
 F32 = npt.NDArray[np.float32]
 Task = Literal["classification", "regression"]
-SourceKind = Literal["lightgbm", "xgboost", "sklearn", "torch", "onnx"]
+SourceKind = Literal["lightgbm", "xgboost", "sklearn", "catboost", "torch", "onnx"]
 Target = Literal["local", "container"]
 TARGETS: tuple[Target, ...] = ("local", "container")
 

@@ -47,6 +47,10 @@ def converter_for(source: Source) -> Converter:
         from build_engines.candidates import trees
 
         return trees.convert
+    if source.kind == "catboost":
+        from build_engines.candidates import catboost_engines
+
+        return catboost_engines.convert
     from build_engines.candidates import neural
 
     return neural.convert

@@ -19,7 +19,10 @@ from build_engines.base import Source
 from setsuna.errors import PickleRefusedError, SourceError, UnknownModelTypeError
 
 PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib", ".pt", ".pth"})
-_KNOWN = "LightGBM .txt/.lgb, XGBoost .json/.ubj, ONNX .onnx (pickle/joblib with --allow-pickle)"
+_KNOWN = (
+    "LightGBM .txt/.lgb, XGBoost .json/.ubj, CatBoost .cbm, ONNX .onnx "
+    "(pickle/joblib with --allow-pickle)"
+)
 
 
 def from_object(
@@ -40,6 +43,10 @@ def from_object(
         from build_engines.sources.trees import from_xgboost
 
         return from_xgboost(model, name=name, feature_names=feature_names, allow_nan=allow_nan)
+    if module == "catboost":
+        from build_engines.sources.catboost_model import from_catboost
+
+        return from_catboost(model, name=name, feature_names=feature_names, allow_nan=allow_nan)
     if module == "sklearn":
         from build_engines.sources.trees import from_sklearn
 
@@ -62,7 +69,7 @@ def from_object(
         )
     raise UnknownModelTypeError(
         f"cannot build {type(model).__module__}.{type(model).__name__}: supported are "
-        "LightGBM, XGBoost, scikit-learn estimators, PyTorch modules and ONNX files"
+        "LightGBM, XGBoost, CatBoost, scikit-learn estimators, PyTorch modules and ONNX files"
     )
 
 
@@ -107,6 +114,10 @@ def from_path(
         from build_engines.sources.trees import from_xgboost
 
         return from_xgboost(path, **kw)
+    if suffix == ".cbm":
+        from build_engines.sources.catboost_model import from_catboost
+
+        return from_catboost(path, **kw)
     if suffix == ".onnx":
         from build_engines.sources.neural import from_onnx
 
