@@ -9,10 +9,12 @@ of backtesting's EURUSD hourly bars through ``setsuna dataset`` features):
 2. starts the local ``tritonserver`` with those two models;
 3. replays the unseen 30 % tails of EURUSD, S&P 500, NASDAQ and GOOG as four
    symbols through the pipeline (features -> Triton -> policy -> audit),
-   with a progress bar;
-4. re-sends every audited input to the recorded model version
-   (``audit verify``), stops the server, prints the summary and writes
-   the report with pictures and the audit database under ``--out``.
+   with a progress bar (tqdm; whole lines when standard error is a log);
+4. backtests each symbol's served stances with backtesting.py (commission
+   and spread: ``COSTS``) against buy & hold, re-sends every audited input
+   to the recorded model version (``audit verify``), stops the server,
+   prints the summary and writes the report with pictures and the audit
+   database under ``--out``.
 
 Exit status 1 if the run stopped early or a prediction did not reproduce.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from build_engines.examples import market
 from setsuna import audit
+from setsuna.backtest import BacktestSettings
 from setsuna.client import Client
 from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, Target
 from setsuna.dataset import build_dataset
@@ -34,6 +37,8 @@ from setsuna.replay import progress_bar, replay, summary_text, write_report
 from setsuna.server import LocalTriton
 
 DECIDE = "decide_eurusd"
+#: The same costs for all four symbols: 1 bp commission per side, a 1 bp spread.
+COSTS = BacktestSettings(cash=10_000.0, commission_bps=1.0, spread_bps=1.0)
 
 
 def write_decide(repo: Path, work: Path) -> None:
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup_bars=warm,
                 horizon_bars=market.HORIZON_BARS,
                 progress=progress_bar(),
+                backtest=COSTS,
             )
             check = audit.verify(db, client)
     print("server stopped\n")

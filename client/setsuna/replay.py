@@ -4,11 +4,13 @@ The job behind ``make demo`` and ``setsuna replay --model NAME --data FILE``:
 validate the file (out-of-order rows refused or dropped and counted, gaps
 counted), warm the feature engine on each symbol's first ``warmup_bars`` bars
 without deciding, replay the rest through :class:`~setsuna.pipeline.Pipeline`
-with a progress bar, then judge the signals against what the market did
-next: hit rate (the sign of the return over ``horizon_bars`` matches the
-signal) and the cumulative return of holding each symbol's stance to the
-next bar. :func:`write_report` adds pictures (latency histogram, price with
-signals, cumulative return) beside the audit database.
+with a progress bar (:func:`progress_bar`, tqdm), then judge the signals
+against what the market did next: hit rate (the sign of the return over
+``horizon_bars`` matches the signal) and, per symbol, a backtest of the
+stances the policy held (:mod:`setsuna.backtest`: backtesting.py, with
+commission and spread, against buy & hold). :func:`write_report` adds
+pictures (latency histogram, price with signals, equity against buy & hold
+per symbol) beside the audit database.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,13 @@ import numpy as np
 import numpy.typing as npt
 
 from setsuna.audit import AuditLog, AuditSettings
+from setsuna.backtest import (
+    BacktestSettings,
+    SymbolBacktest,
+    backtest_decisions,
+    backtest_table,
+    require_backtesting,
+)
 from setsuna.client import Client, ClientSettings
 from setsuna.errors import AuditError, ConfigError
 from setsuna.features import FeatureEngine, FeatureSpec, default_spec
@@ -43,6 +53,7 @@ from setsuna.pipeline import (
 from setsuna.policy import PolicySettings, ServedSignalPolicy, ThresholdPolicy
 
 GAP_FACTOR = 5.0
+DEFAULT_BACKTEST = BacktestSettings()
 
 
 @dataclass
@@ -75,10 +86,12 @@ class ReplayResult:
     decisions: dict[str, npt.NDArray[Any]]
     hit_rate: float
     judged_signals: int
-    cumulative_return: npt.NDArray[np.float64]
     gaps: int
     drops: dict[str, int]
     audit_path: Path | None
+    #: Per symbol, in ``symbols`` order (those with 2 bars or more); empty without one.
+    backtests: tuple[SymbolBacktest, ...] = ()
+    backtest_settings: BacktestSettings | None = None
 
 
 def count_gaps(records: BarRecords, factor: float = GAP_FACTOR) -> int:
@@ -94,10 +107,9 @@ def count_gaps(records: BarRecords, factor: float = GAP_FACTOR) -> int:
 
 def judge(
     records: BarRecords, decisions: dict[str, npt.NDArray[Any]], horizon_bars: int
-) -> tuple[float, int, npt.NDArray[np.float64]]:
-    """(hit rate of BUY/SELL signals, signals judged, cumulative return per decision time)."""
+) -> tuple[float, int]:
+    """(hit rate of BUY/SELL signals, signals judged): the sign of the return over the horizon."""
     hits = judged = 0
-    stance_returns: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]] = []
     for sid in np.unique(records["symbol_id"]):
         mine = records[records["symbol_id"] == sid]
         ts, close = mine["timestamp_ns"], mine["close"]
@@ -109,33 +121,109 @@ def judge(
         fwd = close[ahead[ok]] / close[pos[ok]] - 1.0
         hits += int(np.count_nonzero(np.sign(fwd) == sig[ok]))
         judged += int(np.count_nonzero(ok))
-        # Stance after each decision, held to the symbol's next bar.
-        stance = decisions["stance"][sel].astype(np.float64)
-        nxt = pos + 1
-        has = nxt < len(ts)
-        r = np.zeros(len(pos))
-        r[has] = stance[has] * (close[nxt[has]] / close[pos[has]] - 1.0)
-        stance_returns.append((d_ts, r))
-    if stance_returns:
-        all_ts = np.concatenate([t for t, _ in stance_returns])
-        all_r = np.concatenate([r for _, r in stance_returns])
-        cum = np.cumsum(all_r[np.argsort(all_ts, kind="stable")])
-    else:
-        cum = np.zeros(0)
-    return (hits / judged if judged else math.nan), judged, cum
+    return (hits / judged if judged else math.nan), judged
 
 
-def progress_bar(stream: Any = sys.stderr, width: int = 40) -> Callable[[int, int], None]:
-    """A one-line text progress bar (no dependency)."""
+def _tqdm() -> Any:
+    from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the venv
 
-    def show(done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        filled = int(width * frac)
-        end = "\n" if done >= total else ""
-        stream.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} events{end}")
-        stream.flush()
+    return tqdm
 
-    return show
+
+class ProgressBar:
+    """The replay's progress, ``progress(done, total)``, readable on a terminal and in a log.
+
+    On a terminal (``stream.isatty()``): a tqdm bar redrawn in place. Anywhere
+    else (a log file, a pipe): whole lines in tqdm's format, one each time
+    another ``percent_step`` % is done or ``interval_s`` seconds have passed
+    since the last line, and one at the end, so a log holds at most
+    ``100 / percent_step + 1`` lines plus one per ``interval_s``, no ``\\r``.
+    """
+
+    def __init__(
+        self,
+        stream: Any = None,
+        *,
+        desc: str = "replay",
+        unit: str = "event",
+        percent_step: float = 10.0,
+        interval_s: float = 30.0,
+        terminal: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 < percent_step <= 100:
+            raise ConfigError(f"percent_step={percent_step!r}: a share of the total in (0, 100]")
+        if not interval_s > 0:
+            raise ConfigError(f"interval_s={interval_s!r}: seconds between lines, > 0")
+        self.stream = sys.stderr if stream is None else stream
+        if terminal is None:
+            isatty = getattr(self.stream, "isatty", None)
+            terminal = bool(isatty()) if callable(isatty) else False
+        self.terminal = terminal
+        self.desc, self.unit = desc, unit
+        self.percent_step, self.interval_s = percent_step, interval_s
+        self._clock = clock
+        self._bar: Any = None
+        self._began: float | None = None
+        self._last_line_t = 0.0
+        self._last_step = -1
+        self._last_done: tuple[int, int] | None = None
+        self._closed = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._closed:
+            return
+        now = self._clock()
+        if self._began is None:
+            self._began = self._last_line_t = now
+        if self.terminal:
+            self._draw(done, total)
+        else:
+            self._line(done, total, now)
+        if total and done >= total:
+            self.close()
+
+    def _draw(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = _tqdm()(
+                total=total, file=self.stream, desc=self.desc, unit=self.unit, mininterval=0.2
+            )
+        if self._bar.total != total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def _line(self, done: int, total: int, now: float) -> None:
+        step = int(100.0 * done / total // self.percent_step) if total else 0
+        end = bool(total) and done >= total
+        if step > self._last_step or now - self._last_line_t >= self.interval_s or end:
+            self._write(done, total, now)
+            self._last_step, self._last_line_t = step, now
+        else:
+            self._last_done = (done, total)
+
+    def _write(self, done: int, total: int, now: float) -> None:
+        elapsed = now - (self._began if self._began is not None else now)
+        meter = _tqdm().format_meter(
+            done, total or None, elapsed, ascii=True, prefix=self.desc, unit=self.unit
+        )
+        self.stream.write(meter + "\n")
+        self.stream.flush()
+        self._last_done = None
+
+    def close(self) -> None:
+        """End the bar (a run that stopped early never reaches its total); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        elif self._last_done is not None:  # the last state was not written yet
+            self._write(*self._last_done, self._clock())
+
+
+def progress_bar(stream: Any = None, **options: Any) -> ProgressBar:
+    """A :class:`ProgressBar` on ``stream`` (standard error by default)."""
+    return ProgressBar(stream, **options)
 
 
 def replay(
@@ -155,8 +243,15 @@ def replay(
     deadline_ms: float = 50.0,
     max_consecutive_failed_requests: int = PipelineSettings.max_consecutive_failed_requests,
     progress: Callable[[int, int], None] | None = None,
+    backtest: BacktestSettings | None = DEFAULT_BACKTEST,
 ) -> ReplayResult:
-    """Replay ``feed`` through ``model``; see the module docstring."""
+    """Replay ``feed`` through ``model``; see the module docstring.
+
+    ``backtest``: costs and cash of the per-symbol backtests (None: none run).
+    Checked before the replay starts: backtesting must be installed.
+    """
+    if backtest is not None:
+        require_backtesting()
     records = np.array(feed.records)  # a writeable copy: the engine's fast path
     symbols = feed.symbols
     engine = FeatureEngine(spec, symbols, on_bad_rows="drop")
@@ -211,36 +306,52 @@ def replay(
             with contextlib.suppress(AuditError):
                 audit.close()
         raise
+    finally:
+        if isinstance(progress, ProgressBar):
+            progress.close()
     if audit is not None:
         try:
             audit.close()
         except AuditError as exc:  # the writer failed after the last request
             summary.stopped = summary.stopped or f"{type(exc).__name__}: {exc}"
     decisions = collected.arrays()
-    hit, judged, cum = judge(live, decisions, horizon_bars)
+    hit, judged = judge(live, decisions, horizon_bars)
+    backtests = (
+        backtest_decisions(live, symbols, decisions, backtest) if backtest is not None else ()
+    )
     drops = {**feed.drops.as_dict()}
     for k, v in engine.drops.as_dict().items():
         drops[k] = drops.get(k, 0) + v
     return ReplayResult(
-        summary, symbols, live, decisions, hit, judged, cum, count_gaps(records), drops, audit_path
+        summary,
+        symbols,
+        live,
+        decisions,
+        hit,
+        judged,
+        count_gaps(records),
+        drops,
+        audit_path,
+        backtests,
+        backtest,
     )
 
 
 def summary_text(r: ReplayResult) -> str:
     s = r.summary
-    cum = float(r.cumulative_return[-1]) if len(r.cumulative_return) else 0.0
     lines = [
         f"events {s.events:,}  decisions {s.decisions:,}  requests {s.requests:,}  "
         f"symbols {len(r.symbols)} ({', '.join(r.symbols)})",
         "signals " + "  ".join(f"{k} {v:,}" for k, v in s.signals.items()),
         f"hit rate {r.hit_rate:.1%} of {r.judged_signals:,} BUY/SELL signals "
         f"(sign of the return over the horizon)",
-        f"cumulative return of following the signals {cum:+.2%} (sum over symbols, no costs)",
         f"skipped {s.skipped or {}}  dropped {r.drops}  gaps {r.gaps}",
         "latency p50 / p99 per request (us): "
         + "  ".join(f"{k} {p50:.0f}/{p99:.0f}" for k, (p50, p99) in s.latency_table().items()),
         f"throughput {s.decisions_per_s:,.0f} decisions/s over {s.wall_s:.2f} s",
     ]
+    if r.backtest_settings is not None:
+        lines.append(backtest_table(r.backtests, r.backtest_settings))
     if s.stopped:
         lines.append(f"STOPPED: {s.stopped}")
     if r.audit_path is not None:
@@ -249,7 +360,12 @@ def summary_text(r: ReplayResult) -> str:
 
 
 def write_report(r: ReplayResult, folder: Path) -> Path:
-    """summary.json, report.md and three PNG pictures into ``folder``."""
+    """summary.json, report.md and three PNG pictures into ``folder``.
+
+    ``latency.png``, ``signals.png`` (the busiest symbol's close with its
+    signals) and ``backtest.png`` (per symbol, the strategy's equity against
+    buy & hold from the same cash).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,6 +374,16 @@ def write_report(r: ReplayResult, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     doc = summary_json(r.summary)
     doc.update(hit_rate=r.hit_rate, judged_signals=r.judged_signals, gaps=r.gaps, drops=r.drops)
+    if r.backtest_settings is not None:
+        bs = r.backtest_settings
+        doc["backtest"] = {
+            "settings": {
+                "cash": bs.cash,
+                "commission_bps": bs.commission_bps,
+                "spread_bps": bs.spread_bps,
+            },
+            "symbols": [b.figures() for b in r.backtests],
+        }
     doc["histograms"] = {k: histogram_counts(h) for k, h in r.summary.latency.items()}
     (folder / "summary.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
 
@@ -286,14 +412,38 @@ def write_report(r: ReplayResult, folder: Path) -> Path:
     fig.savefig(folder / "signals.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(r.cumulative_return * 100)
-    ax.set(xlabel="decision", ylabel="%", title="Cumulative return of following the signals")
-    fig.savefig(folder / "cumulative_return.png", dpi=100, bbox_inches="tight")
+    n = max(len(r.backtests), 1)
+    cols = 2 if n > 1 else 1
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    for ax, b in zip(axes.flat, r.backtests, strict=False):
+        t = b.time_ns.astype("datetime64[ns]")
+        ax.plot(t, b.equity, lw=0.9, label=f"signals {b.return_pct:+.1f}%")
+        ax.plot(
+            t,
+            b.buy_hold_equity,
+            lw=0.8,
+            color="0.5",
+            label=f"buy & hold {b.buy_hold_return_pct:+.1f}%",
+        )
+        ax.set_title(
+            f"{b.symbol}: Sharpe {b.sharpe:.2f}, max DD {b.max_drawdown_pct:.1f}%, "
+            f"{b.trades} trades",
+            fontsize=9,
+        )
+        ax.set_ylabel("equity")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(r.backtests) :]:
+        ax.set_axis_off()
+    if r.backtest_settings is not None:
+        fig.suptitle(f"Backtest against buy & hold ({r.backtest_settings.describe()})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(folder / "backtest.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
     md = ["# Replay report", "", "```", summary_text(r), "```", ""]
-    md += [f"![{n}]({n}.png)" for n in ("latency", "signals", "cumulative_return")]
+    md += [f"![{n}]({n}.png)" for n in ("latency", "signals", "backtest")]
     (folder / "report.md").write_text("\n".join(md) + "\n")
     return folder / "report.md"
 
@@ -339,10 +489,29 @@ def register(subparsers: Any) -> None:
         "refused input)",
     )
     p.add_argument("--on-bad-rows", choices=("raise", "drop"), default="raise")
+    p.add_argument(
+        "--commission-bps",
+        type=float,
+        default=DEFAULT_BACKTEST.commission_bps,
+        help="backtest: commission per side, basis points of the traded value",
+    )
+    p.add_argument(
+        "--spread-bps",
+        type=float,
+        default=DEFAULT_BACKTEST.spread_bps,
+        help="backtest: whole bid-ask spread, basis points, paid once per position",
+    )
+    p.add_argument(
+        "--backtest-cash",
+        type=float,
+        default=DEFAULT_BACKTEST.cash,
+        help="backtest: starting cash per symbol",
+    )
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    backtest = BacktestSettings(args.backtest_cash, args.commission_bps, args.spread_bps)
     spec = FeatureSpec.loads(args.spec.read_text()) if args.spec else default_spec()
     feed = ReplayFeed.from_frame(read_frame(args.data), on_bad_rows=args.on_bad_rows)
     with Client(args.url, args.protocol, ClientSettings(deadline_ms=args.deadline_ms)) as client:
@@ -363,6 +532,7 @@ def _run(args: argparse.Namespace) -> int:
             deadline_ms=args.deadline_ms,
             max_consecutive_failed_requests=args.max_consecutive_failed_requests,
             progress=progress_bar(),
+            backtest=backtest,
         )
     print(summary_text(result))
     if args.report is not None:

@@ -41,7 +41,7 @@ from setsuna.features import FeatureEngine, default_spec
 from setsuna.market import ReplayFeed, datasets
 from setsuna.pipeline import ModelCatalog, Pipeline, PipelineSettings
 from setsuna.policy import ThresholdPolicy
-from setsuna.replay import replay
+from setsuna.replay import replay, summary_text
 from setsuna.server import LocalTriton, free_ports
 from tests.helpers import logistic_candidate, logistic_source
 
@@ -230,6 +230,11 @@ def test_replay_audits_every_decision_and_verify_reproduces_them(
         assert signals.get(1, 0) == s.signals["BUY"] and signals.get(-1, 0) == s.signals["SELL"]
         report = audit_mod.verify(db, c)
     assert report.ok and report.reproduced == n, report.mismatches[:3]
+    # The served stances, backtested per symbol (setsuna.backtest; costs: the defaults).
+    assert [b.symbol for b in result.backtests] == list(served.feed.symbols)
+    assert sum(b.trades for b in result.backtests) > 0
+    assert all(b.final_equity > 0 and len(b.equity) == b.bars for b in result.backtests)
+    assert "buy&hold" in summary_text(result)
 
 
 def test_verify_reports_a_prediction_that_does_not_reproduce(
