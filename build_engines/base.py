@@ -34,8 +34,10 @@ class Source:
     """A trained model and its oracle.
 
     ``reference(x)`` runs the source library on a float32 batch and returns
-    float32 ``[n, 1]`` (positive-class probability or regression value): the
-    ground truth every candidate is compared with. ``sha256`` hashes the
+    float32 ``[n, 1]`` (positive-class probability or regression value), or
+    ``[n, C]`` class probabilities for a multiclass classifier (``classes``
+    names the C labels in column order): the ground truth every candidate is
+    compared with. ``sha256`` hashes the
     model's own serialised form (model text, JSON, ONNX bytes, state dict), so
     the manifest can say which training run an engine came from.
     """
@@ -51,6 +53,14 @@ class Source:
     reference_label: str
     #: Threshold turning a classifier's probability into a decision.
     decision_threshold: float = 0.5
+    #: Class labels, in the column order of ``reference``, for a multiclass
+    #: classifier (3 or more); empty for binary classifiers and regressors.
+    classes: tuple[str, ...] = ()
+
+    @property
+    def n_outputs(self) -> int:
+        """Scores per row: the number of classes of a multiclass model, else 1."""
+        return len(self.classes) if self.classes else 1
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,8 @@ def pair(
             "threshold_rows": threshold,
             "small": {"engine": small.engine, "params": dict(small.params)},
             "large": {"engine": large.engine, "params": dict(large.params)},
+            # a multiclass pair answers C scores per row, like each of its engines
+            **({"n_outputs": small.params["n_outputs"]} if "n_outputs" in small.params else {}),
         },
         notes=f"{small.name} below {threshold} rows, {large.name} from {threshold} rows",
     )

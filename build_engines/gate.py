@@ -2,11 +2,16 @@
 
 Every candidate runs on the same held-out rows as the source library. The
 gate records how far its outputs drift (max |Δ|), the share of identical
-decisions (class at the decision threshold for classifiers, sign for
-regressors), single-row p50/p99, the per-row cost of a batch of 32, rows/s at
+decisions (class at the decision threshold for binary classifiers, the most
+probable class (argmax) for multiclass ones, sign for regressors), single-row
+p50/p99, the per-row cost of a batch of 32, rows/s at
 a batch of 1,024, memory added by loading and size on disk. A candidate whose
 identical-decision share is under the model's threshold (default 99.9 %) is
 rejected, and keeps its figures in the report so the rejection can be read.
+A multiclass candidate must also keep every class's probability within
+``max_class_prob_diff_pp`` percentage points of the source's (max |Δ| per
+class, recorded as ``class_max_abs_diff``), judged in one batch and row by
+row like the decisions.
 
 Before that, for a source built with ``allow_nan``, :func:`screen_nan` scores
 every candidate on calibration rows with NaN planted in them, and skips the
@@ -58,6 +63,10 @@ class GateSettings:
     small_batch_rows: int = 32
     #: Held-out rows also judged one at a time (decisions must not depend on batch-mates).
     row_by_row_rows: int = 2000
+    #: Multiclass only: the largest |Δ| allowed in any class's probability, in
+    #: percentage points (0.1 pp = 0.001). Float32 engines of a float64 library
+    #: differ by ~1e-6; a flipped split moves a class by far more.
+    max_class_prob_diff_pp: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_identical_decisions <= 1.0:
@@ -67,6 +76,11 @@ class GateSettings:
             )
         if self.latency_calls < 10:
             raise ConfigError(f"latency_calls={self.latency_calls}: time at least 10 calls")
+        if not 0.0 <= self.max_class_prob_diff_pp <= 100.0:
+            raise ConfigError(
+                f"max_class_prob_diff_pp={self.max_class_prob_diff_pp}: give percentage "
+                "points in [0, 100], e.g. 0.1 for 0.001 of probability"
+            )
         if self.batch_budget_s <= 0 or self.batch_rows < 1 or self.small_batch_rows < 1:
             raise ConfigError("batch_budget_s, batch_rows and small_batch_rows must be positive")
 
@@ -87,13 +101,17 @@ class Figures:
     size_bytes: int
     passed: bool
     reason: str = ""
+    #: Multiclass: max |Δ| of each class's probability (batch and row by row), in class order.
+    class_max_abs_diff: tuple[float, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def decisions(scores: F32, source: Source) -> npt.NDArray[np.generic]:
-    """Class at the threshold for classifiers, sign for regressors."""
+    """Class at the threshold (binary), most probable class (multiclass), sign (regression)."""
+    if source.classes:
+        return np.asarray(np.argmax(scores.reshape(len(scores), -1), axis=1))
     flat = scores.reshape(-1)
     if source.task == "classification":
         return np.asarray(flat >= source.decision_threshold)
@@ -157,7 +175,10 @@ def measure_source(source: Source, x_valid: F32, settings: GateSettings) -> Figu
         size_bytes=0,
         passed=True,
         reason="reference",
-        **t,
+        p50_us=t["p50_us"],
+        p99_us=t["p99_us"],
+        per_row_us_at_32=t["per_row_us_at_32"],
+        rows_per_s_at_1024=t["rows_per_s_at_1024"],
     )
 
 
@@ -201,6 +222,28 @@ def judge(
         if passed
         else f"{same:.4%} identical decisions < required {settings.min_identical_decisions:.2%}"
     )
+    per_class: tuple[float, ...] = ()
+    if source.classes:
+        with np.errstate(invalid="ignore"):
+            worst = np.max(diffs.reshape(len(diffs), -1), axis=0)
+        per_class = tuple(float(v) if np.isfinite(v) else float("inf") for v in worst)
+        limit = settings.max_class_prob_diff_pp / 100.0
+        over = [
+            f"{label} {d:.3g}"
+            for label, d in zip(source.classes, per_class, strict=True)
+            if not d <= limit
+        ]
+        if over:
+            passed = False
+            reason = "; ".join(
+                r
+                for r in (
+                    reason,
+                    f"class probabilities differ by more than {settings.max_class_prob_diff_pp} "
+                    f"pp: {', '.join(over)}",
+                )
+                if r
+            )
     # A judge-only engine (GTIL standing in for FIL) is not what serves: don't time it.
     t = (
         _timings(engine.predict, x_valid, settings)
@@ -218,7 +261,11 @@ def judge(
         size_bytes=_folder_bytes(candidate.folder),
         passed=passed,
         reason=reason,
-        **t,
+        p50_us=t["p50_us"],
+        p99_us=t["p99_us"],
+        per_row_us_at_32=t["per_row_us_at_32"],
+        rows_per_s_at_1024=t["rows_per_s_at_1024"],
+        class_max_abs_diff=per_class,
     )
 
 

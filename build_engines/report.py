@@ -101,7 +101,13 @@ class Report:
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN: unmeasured figures become null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return [clean(x) for x in v] if isinstance(v, list | tuple) else v
+
+    return {k: clean(v) for k, v in d.items()}
 
 
 def _fmt(v: float, spec: str) -> str:

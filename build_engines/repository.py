@@ -26,6 +26,7 @@ Targets:
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from build_engines.report import Report
 from build_engines.spec import ModelSpec
 from setsuna import manifest, model_config, native_forest, publish
 from setsuna.errors import ConfigError
+from setsuna.manifest import CLASS_LABELS_PARAMETER
 from setsuna.model_config import CONFIG_NAME
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
@@ -57,17 +59,36 @@ __all__ = ["TritonPythonModel"]
 '''
 
 
+def n_outputs(candidate: Candidate) -> int:
+    """Scores per row the candidate answers: C for a multiclass model, else 1."""
+    raw = candidate.params.get("n_outputs", candidate.gate_params.get("n_outputs", 1))
+    return int(raw)
+
+
 def build_config(
-    spec: ModelSpec, row_shape: Sequence[int], candidate: Candidate, target: Target
+    spec: ModelSpec,
+    row_shape: Sequence[int],
+    candidate: Candidate,
+    target: Target,
+    classes: Sequence[str] = (),
 ) -> mc.ModelConfig:
     """The ``ModelConfig`` serving ``candidate`` on ``target``, one row being ``row_shape``.
 
     Of the source model only the row shape reaches the config, so that is all it
     takes: the tuner builds configs for an already built model from its manifest.
+    A multiclass model answers ``score`` of shape ``[C]`` (its class probabilities)
+    and names its classes, in that order, in the parameter ``class_labels`` (a JSON
+    list), where any client reading the config finds them.
     """
     s = spec.serving
     cfg = mc.ModelConfig(name=spec.name, max_batch_size=s.max_batch_size)
-    in_name, out_name, out_dims = INPUT_NAME, OUTPUT_NAME, [1]
+    width = n_outputs(candidate)
+    if classes and len(classes) != width:
+        raise ConfigError(
+            f"{spec.name}: {len(classes)} class labels for a candidate answering {width} "
+            "scores per row; rebuild the model"
+        )
+    in_name, out_name, out_dims = INPUT_NAME, OUTPUT_NAME, [width]
     kind, count = mc.ModelInstanceGroup.KIND_CPU, s.cpu_instances
     if target == "local":
         if not (candidate.local and candidate.engine):
@@ -87,7 +108,10 @@ def build_config(
             cfg.backend = c.backend
         if c.backend == "fil":
             in_name, out_name = FIL_INPUT, FIL_OUTPUT
-            out_dims = [2] if c.parameters.get("predict_proba") == "true" else [1]
+            if width > 1:
+                out_dims = [width]
+            else:
+                out_dims = [2] if c.parameters.get("predict_proba") == "true" else [1]
         if c.gpu:
             kind, count = mc.ModelInstanceGroup.KIND_GPU, s.gpu_instances
         for key, value in c.parameters.items():
@@ -96,6 +120,8 @@ def build_config(
             threads = str(candidate.params.get("threads", 1))
             cfg.parameters["intra_op_thread_count"].string_value = threads
             cfg.parameters["inter_op_thread_count"].string_value = "1"
+    if classes:
+        cfg.parameters[CLASS_LABELS_PARAMETER].string_value = json.dumps(list(classes))
     cfg.input.append(mc.ModelInput(name=in_name, data_type=mc.TYPE_FP32, dims=list(row_shape)))
     cfg.output.append(mc.ModelOutput(name=out_name, data_type=mc.TYPE_FP32, dims=out_dims))
     cfg.instance_group.append(mc.ModelInstanceGroup(kind=kind, count=count))
@@ -133,7 +159,7 @@ def write_model(
     re-read through Triton's schema, manifest re-hashed) before it replaces
     anything.
     """
-    cfg = build_config(spec, source.schema.row_shape, candidate, target)
+    cfg = build_config(spec, source.schema.row_shape, candidate, target, source.classes)
     wrapper = target == "local" and cfg.backend == "python"
     hazards = model_config.batching_hazards(cfg)
     if hazards:  # build_config never adds a queue policy; this keeps it that way
@@ -191,6 +217,7 @@ def _write_folder(
             files=manifest.hash_folder(version_dir),
             engine_params=_jsonable(candidate.params),
             decision_threshold=source.decision_threshold,
+            classes=source.classes,
             gate={
                 "min_identical_decisions": spec.gate.min_identical_decisions,
                 "figures": _jsonable(figures),

@@ -5,20 +5,23 @@
    C-contiguous float32 batch: NaN becomes "missing" (tl2cgen's DMatrix
    convention), each row is scored by the generated predict() with the
    model's postprocessor, and the last output (the only one, or class 1 of
-   two) is written as float32. A float widened to double has its low 29
+   two) is written as float32; a model of 3 or more classes writes all of
+   them, SETSUNA_N_WRITE per row. A float widened to double has its low 29
    mantissa bits zero, so a present value can never alias the union's missing
    marker (-1).
 
    A template: build_engines/candidates/trees_tl2cgen.py drops this comment
    and replaces each @name@ (n_feature, leaf_type, batch_symbol,
-   nfeature_symbol); the whole file, comment included, is part of the compile
+   nfeature_symbol, noutput_symbol); the whole file, comment included, is part of the compile
    cache key. */
 #include "header.h"
 
 #define SETSUNA_N_FEATURE @n_feature@
 #define SETSUNA_N_OUT (N_TARGET * MAX_N_CLASS)
+#define SETSUNA_N_WRITE (SETSUNA_N_OUT > 2 ? SETSUNA_N_OUT : 1)
 
 int32_t @nfeature_symbol@(void) { return SETSUNA_N_FEATURE; }
+int32_t @noutput_symbol@(void) { return SETSUNA_N_WRITE; }
 
 void @batch_symbol@(const float* x, int64_t n_rows, float* out) {
   union Entry row[SETSUNA_N_FEATURE];
@@ -36,6 +39,8 @@ void @batch_symbol@(const float* x, int64_t n_rows, float* out) {
       result[k] = 0;
     }
     predict(row, 0, result);
-    out[i] = (float)result[SETSUNA_N_OUT - 1];
+    for (int k = 0; k < SETSUNA_N_WRITE; ++k) {
+      out[i * SETSUNA_N_WRITE + k] = (float)result[SETSUNA_N_OUT - SETSUNA_N_WRITE + k];
+    }
   }
 }

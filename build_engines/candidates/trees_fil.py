@@ -12,6 +12,7 @@ from pathlib import Path
 from build_engines.base import Candidate, ContainerSpec, Source
 from build_engines.candidates.compile_cache import package_version
 from build_engines.candidates.forests import to_treelite
+from build_engines.candidates.trees_onnx import outputs_param
 
 #: Triton FIL: (file name, model_type) per source kind.
 FIL_FILES = {
@@ -41,12 +42,18 @@ def build_fil(source: Source, folder: Path) -> Candidate:
         "predict_proba": str(classifier).lower(),
         "threshold": str(source.decision_threshold),
     }
-    score = (
-        "FIL's predict_proba output holds per-class probabilities: the score is its last "
-        "column (class 1)"
-        if classifier
-        else "FIL's output is the regression value"
-    )
+    if source.classes:
+        score = (
+            f"FIL's predict_proba output holds the {source.n_outputs} class probabilities "
+            f"({', '.join(source.classes)}): the score is that whole row"
+        )
+    elif classifier:
+        score = (
+            "FIL's predict_proba output holds per-class probabilities: the score is its last "
+            "column (class 1)"
+        )
+    else:
+        score = "FIL's output is the regression value"
     return Candidate(
         name="fil",
         engine="",
@@ -57,7 +64,12 @@ def build_fil(source: Source, folder: Path) -> Candidate:
             default_model_filename=filename, backend="fil", parameters=parameters
         ),
         gate_engine="gtil",
-        gate_params={"file": filename, "model_type": model_type, "threads": 1},
+        gate_params={
+            "file": filename,
+            "model_type": model_type,
+            "threads": 1,
+            **outputs_param(source),
+        },
         notes=(
             f"{score}. Judged by treelite {package_version('treelite')} GTIL on this file, in the "
             "model's precision; FIL evaluates in float32, so expect float32-rounding "

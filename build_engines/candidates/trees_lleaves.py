@@ -20,6 +20,7 @@ from build_engines.candidates.compile_cache import (
     publishing,
     run_tool,
 )
+from build_engines.candidates.trees_onnx import outputs_param
 from setsuna.errors import SourceError
 from setsuna.runtime.trees import cpu_flags, host_cpu
 
@@ -43,10 +44,10 @@ def build_lleaves(source: Source, folder: Path, cache_dir: Path) -> Candidate:
         model_file = Path(tmp) / LLEAVES_MODEL
         model_file.write_text(source.model.model_to_string())
         model = lleaves.Model(model_file=str(model_file))
-        if model.num_model_per_iteration() != 1:
+        if model.num_model_per_iteration() != source.n_outputs:
             raise SourceError(
-                f"{source.name}: lleaves serves binary classifiers and regressors only "
-                f"({model.num_model_per_iteration()} outputs per row)"
+                f"{source.name}: lleaves compiled {model.num_model_per_iteration()} outputs per "
+                f"row for a source scoring {source.n_outputs}; serve the onnx candidate"
             )
         n_features = int(model.num_feature())
         cpu, features = host_cpu()
@@ -79,6 +80,7 @@ def build_lleaves(source: Source, folder: Path, cache_dir: Path) -> Candidate:
             "threads": 1,
             "target_cpu": cpu,
             "cpu_flags_sha256": cpu_flags(),
+            **outputs_param(source),
         },
         local=True,
         container=None,

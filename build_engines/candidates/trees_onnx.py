@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     import onnx
 
 
+def outputs_param(source: Source) -> dict[str, int]:
+    """``{"n_outputs": C}`` for a multiclass source (engines return [n, C]), else nothing.
+
+    Binary and regression candidates keep the parameters they always had, so
+    their manifests (and the native backend's checks of them) do not change.
+    """
+    return {"n_outputs": source.n_outputs} if source.classes else {}
+
+
 def _raw_onnx(source: Source) -> onnx.ModelProto:
     n = source.schema.n_features
     if source.kind == "sklearn":
@@ -73,7 +82,8 @@ def to_features_score(model: onnx.ModelProto, source: Source) -> onnx.ModelProto
 
     Input ``features`` float32 [N, n_features]; single output ``score``
     float32 [N, 1]: probabilities[:, 1:2] (a Gather of column 1) for binary
-    classifiers, the value reshaped to [N, 1] for regressors. Nodes only the
+    classifiers, the value reshaped to [N, 1] for regressors; for a
+    multiclass classifier the probabilities themselves, [N, C] (an Identity). Nodes only the
     dropped outputs needed (labels, casts) are removed.
     """
     from onnx import TensorProto, helper, numpy_helper
@@ -83,7 +93,10 @@ def to_features_score(model: onnx.ModelProto, source: Source) -> onnx.ModelProto
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
         raise SourceError(f"expected one input {INPUT_NAME!r}, got {[i.name for i in inputs]}")
     src = _score_tensor(model, source)
-    if source.task == "classification":
+    width = source.n_outputs
+    if source.classes:
+        node = helper.make_node("Identity", [src], [OUTPUT_NAME])
+    elif source.task == "classification":
         index = numpy_helper.from_array(np.array([1], dtype=np.int64), "setsuna_positive_class")
         graph.initializer.append(index)
         node = helper.make_node("Gather", [src, index.name], [OUTPUT_NAME], axis=1)
@@ -93,7 +106,7 @@ def to_features_score(model: onnx.ModelProto, source: Source) -> onnx.ModelProto
         node = helper.make_node("Reshape", [src, shape.name], [OUTPUT_NAME])
     graph.node.append(node)
     del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", 1]))
+    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", width]))
     dims = inputs[0].type.tensor_type.shape.dim
     dims[0].Clear()
     dims[0].dim_param = "N"
@@ -222,15 +235,24 @@ def build_onnx(source: Source, folder: Path, calib: F32) -> Candidate:
     _optimise_offline(model, path)
     # The file must load as served: a fresh session with optimisations disabled.
     probe = np.ascontiguousarray(calib[:8], dtype=np.float32)
-    out = OnnxEngine(path, threads=1, optimized_offline=True).predict(probe)
-    if out.shape != (len(probe), 1):
-        raise SourceError(f"optimised ONNX returned shape {out.shape}, expected [n, 1]")
+    out = OnnxEngine(path, threads=1, optimized_offline=True, n_outputs=source.n_outputs).predict(
+        probe
+    )
+    if out.shape != (len(probe), source.n_outputs):
+        raise SourceError(
+            f"optimised ONNX returned shape {out.shape}, expected [n, {source.n_outputs}]"
+        )
     converter = "skl2onnx" if source.kind == "sklearn" else "onnxmltools"
     return Candidate(
         name="onnx",
         engine="onnxruntime",
         folder=folder,
-        params={"file": ONNX_FILE, "threads": 1, "optimized_offline": True},
+        params={
+            "file": ONNX_FILE,
+            "threads": 1,
+            "optimized_offline": True,
+            **outputs_param(source),
+        },
         local=True,
         container=ContainerSpec(default_model_filename=ONNX_FILE, platform="onnxruntime_onnx"),
         notes=(

@@ -27,8 +27,14 @@ from typing import TYPE_CHECKING, Any
 from build_engines.base import Candidate, Source
 from build_engines.candidates.compile_cache import cache_key, package_version, publishing
 from build_engines.candidates.forests import to_treelite
+from build_engines.candidates.trees_onnx import outputs_param
 from setsuna.errors import SetsunaError
-from setsuna.runtime.trees import TL2CGEN_BATCH_SYMBOL, TL2CGEN_LIB, TL2CGEN_NFEATURE_SYMBOL
+from setsuna.runtime.trees import (
+    TL2CGEN_BATCH_SYMBOL,
+    TL2CGEN_LIB,
+    TL2CGEN_NFEATURE_SYMBOL,
+    TL2CGEN_NOUTPUT_SYMBOL,
+)
 
 if TYPE_CHECKING:
     import treelite
@@ -150,6 +156,7 @@ def _batch_source(tmodel: treelite.Model) -> str:
             "leaf_type": _C_TYPES[str(tmodel.output_type)],
             "batch_symbol": TL2CGEN_BATCH_SYMBOL,
             "nfeature_symbol": TL2CGEN_NFEATURE_SYMBOL,
+            "noutput_symbol": TL2CGEN_NOUTPUT_SYMBOL,
         },
     )
 
@@ -198,6 +205,7 @@ def _blocked_source(tmodel: treelite.Model, main_c: str) -> str | None:
             "unit_loops": loops,
             "batch_symbol": TL2CGEN_BATCH_SYMBOL,
             "nfeature_symbol": TL2CGEN_NFEATURE_SYMBOL,
+            "noutput_symbol": TL2CGEN_NOUTPUT_SYMBOL,
         },
     )
 
@@ -214,7 +222,7 @@ def build_tl2cgen(source: Source, folder: Path, cache_dir: Path) -> Candidate:
         name="tl2cgen",
         engine="tl2cgen",
         folder=folder,
-        params={"lib": TL2CGEN_LIB, "threads": 1},
+        params={"lib": TL2CGEN_LIB, "threads": 1, **outputs_param(source)},
         local=True,
         container=None,
         notes=(

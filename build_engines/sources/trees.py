@@ -8,9 +8,14 @@ same trees (for instance only the best iteration of an early-stopped run, as
 the library's own ``predict`` would use). Pickle is never read or written:
 hashes come from the model text / JSON / ONNX bytes.
 
-Only binary classifiers (score = positive-class probability) and
-single-output regressors are in scope; anything else is refused here with
-what to do instead, before any engine is built.
+In scope: binary classifiers (score = positive-class probability),
+multiclass classifiers whose library output is a probability per class that
+sums to 1 (LightGBM ``multiclass``, XGBoost ``multi:softprob``, scikit-learn
+classifiers with 3 or more classes: score = the class probabilities, in the
+order of :attr:`~build_engines.base.Source.classes`) and single-output
+regressors. Anything else (one-vs-all LightGBM, XGBoost ``multi:softmax``,
+several targets) is refused here with what to do instead, before any engine
+is built.
 """
 
 from __future__ import annotations
@@ -49,11 +54,12 @@ ONNX_ML_OPSET = 3
 
 _PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib", ".sav", ".dill", ".cloudpickle"})
 _MULTICLASS_HINT = (
-    "multiclass models are out of scope: train a binary classifier (one per class if "
-    "needed) or a regressor"
+    "multiclass models are served as class probabilities that sum to 1: retrain with "
+    "LightGBM objective='multiclass' or XGBoost objective='multi:softprob'"
 )
 
 _LGB_CLASSIFICATION = frozenset({"binary"})
+_LGB_MULTICLASS = "multiclass"
 _LGB_REGRESSION = frozenset(
     {
         "regression",
@@ -70,6 +76,7 @@ _LGB_REGRESSION = frozenset(
 _LGB_GENERIC_NAME = re.compile(r"Column_\d+")
 
 _XGB_CLASSIFICATION = frozenset({"binary:logistic"})
+_XGB_MULTICLASS = "multi:softprob"
 _XGB_REGRESSION = frozenset(
     {
         "reg:squarederror",
@@ -91,6 +98,47 @@ def _sha256(data: bytes) -> str:
 
 def _column(values: Any, n: int) -> F32:
     return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(n, 1))
+
+
+def _columns(values: Any, n: int, width: int) -> F32:
+    return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(n, width))
+
+
+def _class_labels(
+    given: Sequence[object] | None, stored: Sequence[object] | None, n: int
+) -> tuple[str, ...]:
+    """The labels of a multiclass model's ``n`` classes, as strings, in column order.
+
+    ``given`` (the caller's) wins, else the library's own (a classifier's
+    ``classes_``), else ``"0" .. "n-1"``. Labels must be distinct and
+    non-empty: a client tells the columns apart by them.
+    """
+    if (
+        given is not None
+        and stored is not None
+        and [str(c) for c in given] != [str(c) for c in stored]
+    ):
+        raise ConfigError(
+            f"class_labels {list(given)} differ from the classifier's classes_ {list(stored)}; "
+            "pass them in the classifier's order, or omit class_labels"
+        )
+    raw = given if given is not None else stored
+    labels = tuple(str(c) for c in raw) if raw is not None else tuple(str(i) for i in range(n))
+    if len(labels) != n or len(set(labels)) != n or not all(labels):
+        raise ConfigError(
+            f"class_labels {list(labels)}: give {n} distinct, non-empty labels (one per class, "
+            "in the model's class order)"
+        )
+    return labels
+
+
+def _no_labels(given: Sequence[object] | None) -> tuple[str, ...]:
+    if given is not None:
+        raise ConfigError(
+            "class_labels is for multiclass models (3 or more classes); omit it for a binary "
+            "classifier or a regressor"
+        )
+    return ()
 
 
 def _model_file(model: ModelPath, library: str, save_hint: str) -> Path:
@@ -177,8 +225,18 @@ def lightgbm_task(text: str) -> Task:
     """Task of a LightGBM model text, or a SourceError saying what is supported."""
     header = _lightgbm_header(text)
     objective = header.get("objective", "").split(" ")[0]
-    if int(header.get("num_class", "1")) != 1 or objective in ("multiclass", "multiclassova"):
-        raise SourceError(f"LightGBM objective {objective!r}: {_MULTICLASS_HINT}")
+    if objective == _LGB_MULTICLASS and int(header.get("num_class", "1")) >= 3:
+        return "classification"
+    if objective == _LGB_MULTICLASS:
+        raise SourceError(
+            f"LightGBM objective 'multiclass' with num_class={header.get('num_class')}: "
+            "train a binary classifier (objective='binary') for two classes"
+        )
+    if int(header.get("num_class", "1")) != 1 or objective.startswith("multiclass"):
+        raise SourceError(
+            f"LightGBM objective {objective!r}: its per-class outputs do not sum to 1 "
+            f"(one-vs-all); {_MULTICLASS_HINT}"
+        )
     if objective in _LGB_CLASSIFICATION:
         return "classification"
     if objective in _LGB_REGRESSION:
@@ -192,17 +250,26 @@ def from_lightgbm(
     name: str,
     feature_names: Sequence[str] | None = None,
     allow_nan: bool = False,
+    class_labels: Sequence[object] | None = None,
 ) -> Source:
     """A LightGBM Booster, LGBMClassifier/LGBMRegressor, or text model file.
 
     ``Source.model`` is a fresh ``lightgbm.Booster`` read back from the
     model text (the caller's object is never modified); ``sha256`` hashes
-    that text.
+    that text. A ``multiclass`` model scores its class probabilities;
+    ``class_labels`` names them (default: an LGBMClassifier's ``classes_``,
+    else ``"0".."C-1"``).
     """
     import lightgbm as lgb
 
     text = _lightgbm_booster(model).model_to_string()
     task = lightgbm_task(text)
+    n_class = int(_lightgbm_header(text).get("num_class", "1"))
+    labels = (
+        _class_labels(class_labels, getattr(model, "classes_", None), n_class)
+        if n_class > 1
+        else _no_labels(class_labels)
+    )
     booster = lgb.Booster(model_str=text)
     text = booster.model_to_string()
     n = int(booster.num_feature())
@@ -210,8 +277,10 @@ def from_lightgbm(
     if all(_LGB_GENERIC_NAME.fullmatch(s) for s in stored or ()):
         stored = None  # LightGBM's placeholders, not real names
 
+    width = max(1, len(labels))
+
     def reference(x: F32) -> F32:
-        return _column(booster.predict(x, num_threads=1), len(x))
+        return _columns(booster.predict(x, num_threads=1), len(x), width)
 
     return Source(
         name=name,
@@ -222,6 +291,7 @@ def from_lightgbm(
         sha256=_sha256(text.encode()),
         reference=reference,
         reference_label="lightgbm.Booster.predict",
+        classes=labels,
     )
 
 
@@ -262,8 +332,19 @@ def xgboost_task(booster: xgboost.Booster) -> Task:
     objective = str(config["objective"]["name"])
     params = config["learner_model_param"]
     booster_kind = str(config["gradient_booster"]["name"])
-    if int(params.get("num_class", "0")) > 1 or objective.startswith("multi:"):
-        raise SourceError(f"XGBoost objective {objective!r}: {_MULTICLASS_HINT}")
+    n_class = int(params.get("num_class", "0"))
+    if objective == _XGB_MULTICLASS and n_class >= 3:
+        return "classification"
+    if objective == _XGB_MULTICLASS:
+        raise SourceError(
+            f"XGBoost objective 'multi:softprob' with num_class={n_class}: train a binary "
+            "classifier (objective='binary:logistic') for two classes"
+        )
+    if n_class > 1 or objective.startswith("multi:"):
+        raise SourceError(
+            f"XGBoost objective {objective!r} predicts class indices, not probabilities; "
+            f"{_MULTICLASS_HINT}"
+        )
     if int(params.get("num_target", "1")) != 1:
         raise SourceError(
             f"XGBoost model has {params['num_target']} targets; only single-output models "
@@ -287,6 +368,7 @@ def from_xgboost(
     name: str,
     feature_names: Sequence[str] | None = None,
     allow_nan: bool = False,
+    class_labels: Sequence[object] | None = None,
 ) -> Source:
     """An XGBoost Booster, XGBClassifier/XGBRegressor, or .json / .ubj file.
 
@@ -312,9 +394,18 @@ def from_xgboost(
             "encode categories as numbers before training"
         )
     n = int(canonical.num_features())
+    n_class = int(
+        json.loads(canonical.save_config())["learner"]["learner_model_param"].get("num_class", "0")
+    )
+    labels = (
+        _class_labels(class_labels, getattr(model, "classes_", None), n_class)
+        if n_class > 1
+        else _no_labels(class_labels)
+    )
+    width = max(1, len(labels))
 
     def reference(x: F32) -> F32:
-        return _column(canonical.inplace_predict(x), len(x))
+        return _columns(canonical.inplace_predict(x), len(x), width)
 
     return Source(
         name=name,
@@ -325,6 +416,7 @@ def from_xgboost(
         sha256=_sha256(raw),
         reference=reference,
         reference_label="xgboost.Booster.inplace_predict",
+        classes=labels,
     )
 
 
@@ -371,9 +463,11 @@ def _sklearn_task(estimator: Any) -> Task:
         )
     if is_classifier(estimator):
         classes = getattr(estimator, "classes_", None)
-        if classes is None or len(classes) != 2:
+        if classes is None or len(classes) < 2:
             n = "?" if classes is None else len(classes)
-            raise SourceError(f"{type(estimator).__name__} has {n} classes: {_MULTICLASS_HINT}")
+            raise SourceError(
+                f"{type(estimator).__name__} has {n} classes; fit it on at least two classes"
+            )
         return "classification"
     if is_regressor(estimator):
         return "regression"
@@ -390,6 +484,7 @@ def from_sklearn(
     n_features: int,
     feature_names: Sequence[str] | None = None,
     allow_nan: bool = False,
+    class_labels: Sequence[object] | None = None,
 ) -> Source:
     """A fitted scikit-learn estimator (or Pipeline) that skl2onnx converts.
 
@@ -431,16 +526,28 @@ def from_sklearn(
             "skl2onnx supports, or export the model to ONNX yourself"
         ) from exc
     stored = getattr(estimator, "feature_names_in_", None)
+    fitted = getattr(estimator, "classes_", None) if task == "classification" else None
+    labels = (
+        _class_labels(class_labels, list(fitted), len(fitted))
+        if fitted is not None and len(fitted) > 2
+        else _no_labels(class_labels)
+    )
+    width = max(1, len(labels))
 
     def reference(x: F32) -> F32:
         with warnings.catch_warnings():
             # Fitted on a DataFrame, scored on arrays in the same column order.
             warnings.filterwarnings("ignore", message="X does not have valid feature names")
+            if task == "classification" and labels:
+                return _columns(estimator.predict_proba(x), len(x), width)
             if task == "classification":
                 return _column(estimator.predict_proba(x)[:, 1], len(x))
             return _column(estimator.predict(x), len(x))
 
-    label = "predict_proba[:, 1]" if task == "classification" else "predict"
+    if task == "classification":
+        label = "predict_proba" if labels else "predict_proba[:, 1]"
+    else:
+        label = "predict"
     return Source(
         name=name,
         kind="sklearn",
@@ -452,4 +559,5 @@ def from_sklearn(
         sha256=_sha256(onnx_bytes),
         reference=reference,
         reference_label=f"sklearn.{type(estimator).__name__}.{label}",
+        classes=labels,
     )

@@ -1,7 +1,9 @@
 """The wire contract: what every setsuna model, ensemble and caller agree on, in one place.
 
 - **Tensor names.** Every engine takes ``features`` (float32 ``[N, ...]``) and
-  answers ``score`` (float32 ``[N, 1]``, a probability for classifiers); the
+  answers ``score`` (float32 ``[N, 1]``, a probability for classifiers; for a
+  multiclass classifier ``[N, C]``, its class probabilities in the order its
+  manifest's ``classes`` and its config's ``class_labels`` parameter give); the
   routed and deciding models add ``key`` (BYTES, the sticky key) and answer
   ``arm``, ``model`` (``name:version`` of the engine that scored the row),
   ``experiment_version``, ``instance`` (by name only), and with thresholds

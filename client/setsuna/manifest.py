@@ -23,6 +23,9 @@ from setsuna.schema import FeatureSchema
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+#: The ``config.pbtxt`` parameter naming a multiclass model's classes, in the
+#: order of its ``score`` columns, as a JSON list of strings.
+CLASS_LABELS_PARAMETER = "class_labels"
 #: Files beside the artifacts that the manifest cannot list: itself and the seal that
 #: signs it (setsuna.seal). A ``__pycache__`` is NOT ignored: the stub guard never
 #: writes bytecode, so one found here was planted (and would run instead of model.py).
@@ -53,8 +56,20 @@ class Manifest:
     engine_params: Mapping[str, Any] = field(default_factory=dict)
     decision_threshold: float = 0.5
     gate: Mapping[str, Any] = field(default_factory=dict)
+    #: A multiclass model's class labels, in the order of its ``score`` columns
+    #: (``score`` is ``[C]``); empty for a binary classifier or a regressor (``[1]``).
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_classes(self.classes, "manifest classes")
+
+    @property
+    def n_outputs(self) -> int:
+        """Scores per row: the number of classes of a multiclass model, else 1."""
+        return len(self.classes) if self.classes else 1
 
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"classes": list(self.classes)} if self.classes else {}
         return {
             "format": FORMAT_VERSION,
             "model": self.model,
@@ -67,6 +82,7 @@ class Manifest:
             "engine_params": dict(self.engine_params),
             "files": dict(sorted(self.files.items())),
             "gate": dict(self.gate),
+            **extra,
         }
 
     @classmethod
@@ -88,9 +104,25 @@ class Manifest:
                 engine_params=dict(data.get("engine_params", {})),
                 decision_threshold=float(data.get("decision_threshold", 0.5)),
                 gate=dict(data.get("gate", {})),
+                classes=tuple(data.get("classes", ())),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ArtifactError(f"malformed manifest: {exc}; rebuild the model") from exc
+
+
+def check_classes(classes: Any, what: str) -> tuple[str, ...]:
+    """``classes`` if it is empty or 3+ distinct non-empty strings; else ConfigError."""
+    labels = tuple(classes)
+    if labels and (
+        len(labels) < 3
+        or len(set(labels)) != len(labels)
+        or not all(isinstance(c, str) and c for c in labels)
+    ):
+        raise ConfigError(
+            f"{what} {list(labels)!r}: give none (binary or regression) or 3 or more "
+            "distinct non-empty labels in the order of the score columns"
+        )
+    return labels
 
 
 def write(folder: Path, manifest: Manifest) -> Path:

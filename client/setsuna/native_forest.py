@@ -145,6 +145,11 @@ def unsupported(engine: str, params: Mapping[str, Any]) -> str:
         return "; ".join(w for w in whys if w)
     if engine not in ENGINES:
         return f"engine {engine!r}: setsuna_forest serves {', '.join(ENGINES)} and their switch"
+    if int(params.get("n_outputs", 1)) != 1:
+        return (
+            f"{engine} answering {params.get('n_outputs')} class probabilities per row "
+            "(setsuna_forest serves one score per row, score FP32 [1])"
+        )
     if int(params.get("threads", 1)) != 1:
         threads = params.get("threads")
         return f"{engine} with threads={threads} (setsuna_forest runs one thread per instance)"

@@ -555,11 +555,12 @@ def test_sklearn_wrappers_and_tasks() -> None:
     ],
     ids=["lightgbm", "xgboost", "sklearn"],
 )
-def test_multiclass_is_refused_clearly(make: Callable[[F32, Any], base.Source]) -> None:
+def test_multiclass_sources_score_every_class(make: Callable[[F32, Any], base.Source]) -> None:
+    """Once refused as out of scope; now class probabilities (see test_multiclass.py)."""
     x = _data(600)[0]
     y3 = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
-    with pytest.raises(SourceError, match="multiclass"):
-        make(x, y3)
+    src = make(x, y3)
+    assert src.classes == ("0", "1", "2") and src.reference(x[:5]).shape == (5, 3)
 
 
 def test_bad_inputs_raise_setsuna_errors(tmp_path: Path) -> None:

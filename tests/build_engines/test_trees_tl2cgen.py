@@ -20,6 +20,7 @@ BATCH_VALUES: dict[str, object] = {
     "leaf_type": "float",
     "batch_symbol": "setsuna_predict_batch",
     "nfeature_symbol": "setsuna_num_feature",
+    "noutput_symbol": "setsuna_num_output",
 }
 BLOCKED_VALUES: dict[str, object] = {
     **BATCH_VALUES,
@@ -31,10 +32,12 @@ BLOCKED_VALUES: dict[str, object] = {
 }
 #: sha256 of what the Python format strings (``_BATCH_C``, ``_BLOCKED_C`` in the
 #: old trees.py) produced for the values above. A deliberate template change
-#: updates these; the cache key follows the file's text on its own.
+#: updates these; the cache key follows the file's text on its own. Updated for
+#: issue 15: every class of a 3+-class model is written (SETSUNA_N_WRITE per row)
+#: and ``setsuna_num_output`` says how many; binary models write what they did.
 FORMAT_STRING_SHA256 = {
-    tl.BATCH_C: "3a1d862a3f74a20530de101d3c464f408c549a1d74974d0343aa2e2834894101",
-    tl.BLOCKED_C: "d071df6a77962c9d891349d55c434cbf1e50f040e3952a929ea6e3a8de089993",
+    tl.BATCH_C: "1ac7e6251ac008ebe84c389b23d4198f29c7b9b326ca801652a63c3db94c2e6f",
+    tl.BLOCKED_C: "eb2a118827f5c4fb605b11c5863b439e64ede14e5efa16f696dd1f10cf0cb00d",
 }
 
 

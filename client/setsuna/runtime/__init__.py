@@ -5,9 +5,11 @@ each: the accuracy gate at build time, the Python-backend wrappers inside
 Triton (``local`` target), and the in-process benchmarks in ``perf/``.
 
 An engine takes a C-contiguous float32 batch ``[n, *row_shape]`` and returns
-float32 ``[n, 1]``: the positive-class probability for classifiers, the value
-for regressors. Loaders import their runtime lazily, so the SDK itself does
-not depend on onnxruntime, lleaves or tl2cgen.
+float32 ``[n, 1]``: the positive-class probability for binary classifiers,
+the value for regressors; or ``[n, C]`` for a multiclass classifier (its
+class probabilities; the engine parameter ``n_outputs`` is C). Loaders
+import their runtime lazily, so the SDK itself does not depend on
+onnxruntime, lleaves or tl2cgen.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ F32 = npt.NDArray[np.float32]
 
 
 class Engine(Protocol):
-    """A loaded engine: ``predict`` maps a float32 batch to float32 ``[n, 1]``."""
+    """A loaded engine: ``predict`` maps a float32 batch to float32 ``[n, 1]`` (or ``[n, C]``)."""
 
     def predict(self, x: F32) -> F32: ...
 

@@ -24,7 +24,14 @@ class OnnxEngine:
     instances, not by threads inside one.
     """
 
-    def __init__(self, path: Path, *, threads: int = 1, optimized_offline: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        threads: int = 1,
+        optimized_offline: bool = True,
+        n_outputs: int = 1,
+    ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -44,10 +51,13 @@ class OnnxEngine:
         if OUTPUT_NAME not in names:
             raise EngineError(f"{path} has outputs {names}, expected {OUTPUT_NAME!r}; rebuild it")
         self._outputs = [OUTPUT_NAME]
+        if n_outputs < 1:
+            raise EngineError(f"n_outputs={n_outputs} must be >= 1; rebuild the model")
+        self._width = n_outputs
 
     def predict(self, x: F32) -> F32:
         (out,) = self._session.run(self._outputs, {INPUT_NAME: x})
-        return np.asarray(out, dtype=np.float32).reshape(len(x), 1)
+        return np.asarray(out, dtype=np.float32).reshape(len(x), self._width)
 
 
 def load(folder: Path, params: Mapping[str, Any]) -> OnnxEngine:
@@ -55,4 +65,5 @@ def load(folder: Path, params: Mapping[str, Any]) -> OnnxEngine:
         runtime.artifact(folder, params.get("file", ONNX_FILE)),
         threads=int(params.get("threads", 1)),
         optimized_offline=bool(params.get("optimized_offline", True)),
+        n_outputs=int(params.get("n_outputs", 1)),
     )

@@ -26,6 +26,9 @@ from setsuna.runtime import F32
 #: Symbols of the batch entry point build_engines appends to tl2cgen's C code.
 TL2CGEN_BATCH_SYMBOL = "setsuna_predict_batch"
 TL2CGEN_NFEATURE_SYMBOL = "setsuna_num_feature"
+#: Scores the batch entry point writes per row: 1, or C for a model of 3+ classes
+#: (absent from libraries built before multiclass models: those write 1).
+TL2CGEN_NOUTPUT_SYMBOL = "setsuna_num_output"
 #: The compiled library's file name. Not ``model.so``: the Python backend imports
 #: ``model`` from the version folder, and Python prefers an extension module
 #: ``model.so`` to ``model.py`` ("dynamic module does not define module export
@@ -85,13 +88,10 @@ def _as_batch(x: F32, n_features: int) -> F32:
 
 
 def _last_column(out: Any, n: int) -> F32:
-    """The score column of a native output: the only one, or class 1 of two."""
+    """The scores of a native output: the only column, class 1 of two, or all of 3+ classes."""
     arr = np.asarray(out).reshape(n, -1)
-    if arr.shape[1] > 2:
-        raise EngineError(
-            f"the engine returned {arr.shape[1]} outputs per row; only binary classifiers "
-            "and single-output regressors are supported. Rebuild from a supported source"
-        )
+    if arr.shape[1] > 2:  # class probabilities of a multiclass model, in class order
+        return np.ascontiguousarray(arr, dtype=np.float32)
     return np.ascontiguousarray(arr[:, -1:], dtype=np.float32)
 
 
@@ -115,6 +115,7 @@ class LleavesEngine:
         threads: int = 1,
         cpu_flags_sha256: str | None = None,
         entry: str = "forest_root",
+        n_outputs: int = 1,
     ) -> None:
         if not lib.is_file():
             raise EngineError(
@@ -128,8 +129,11 @@ class LleavesEngine:
                 f"host's is {here}; running it could crash the process. Rebuild the model "
                 "on this host (`make build-engines`), or serve its onnx/tl2cgen candidate"
             )
-        if n_features < 1 or threads < 1:
-            raise EngineError(f"n_features={n_features} and threads={threads} must be >= 1")
+        if n_features < 1 or threads < 1 or n_outputs < 1:
+            raise EngineError(
+                f"n_features={n_features}, threads={threads} and n_outputs={n_outputs} must be >= 1"
+            )
+        self._width = n_outputs
         dll = ctypes.CDLL(str(lib.resolve()))
         try:
             fn = getattr(dll, entry)
@@ -147,7 +151,7 @@ class LleavesEngine:
             raise ShapeError(f"{n} rows overflow lleaves' int32 row index; split the batch")
         # LightGBM compares thresholds in double, and so does this code.
         wide = np.ascontiguousarray(batch, dtype=np.float64)
-        out = np.empty(n, dtype=np.float64)
+        out = np.empty(n * self._width, dtype=np.float64)  # lleaves writes row-major [n, C]
         if self._threads == 1 or n < 2 * self._threads:
             self._fn(wide.ctypes.data, out.ctypes.data, 0, n)
         else:
@@ -161,7 +165,7 @@ class LleavesEngine:
                 ]
                 for d in done:
                     d.result()
-        return out.astype(np.float32).reshape(n, 1)
+        return out.astype(np.float32).reshape(n, self._width)
 
 
 class Tl2cgenEngine:
@@ -182,12 +186,18 @@ class Tl2cgenEngine:
         self._batch: Any = None
         self._predictor: Any = None
         self._n_features = -1
+        self._width = 1
         dll = ctypes.CDLL(str(lib.resolve()))
         if threads == 1 and hasattr(dll, TL2CGEN_BATCH_SYMBOL):
             num_feature = getattr(dll, TL2CGEN_NFEATURE_SYMBOL)
             num_feature.restype = ctypes.c_int32
             num_feature.argtypes = []
             self._n_features = int(num_feature())
+            if hasattr(dll, TL2CGEN_NOUTPUT_SYMBOL):
+                num_output = getattr(dll, TL2CGEN_NOUTPUT_SYMBOL)
+                num_output.restype = ctypes.c_int32
+                num_output.argtypes = []
+                self._width = int(num_output())
             batch = getattr(dll, TL2CGEN_BATCH_SYMBOL)
             batch.restype = None
             batch.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -206,7 +216,7 @@ class Tl2cgenEngine:
             import tl2cgen
 
             return _last_column(self._predictor.predict(tl2cgen.DMatrix(batch)), n)
-        out = np.empty((n, 1), dtype=np.float32)
+        out = np.empty((n, self._width), dtype=np.float32)
         self._batch(batch.ctypes.data, n, out.ctypes.data)
         return out
 
@@ -263,6 +273,7 @@ def load_lleaves(folder: Path, params: Mapping[str, Any]) -> LleavesEngine:
         int(params["n_features"]),
         threads=int(params.get("threads", 1)),
         cpu_flags_sha256=None if flags is None else str(flags),
+        n_outputs=int(params.get("n_outputs", 1)),
     )
 
 
