@@ -45,6 +45,7 @@ from setsuna.contract import (
     Target,
 )
 from setsuna.errors import ConfigError
+from setsuna.manifest import CLASS_LABELS_PARAMETER
 from setsuna.model_config import CONFIG_NAME
 from setsuna.schema import INPUT_NAME, OUTPUT_NAME
 
@@ -143,7 +144,7 @@ def write_router(
     serving: Serving = Serving(),
     shadow_log: Path | None = None,
     in_process: bool = False,
-    thresholds: signal.Thresholds | None = None,
+    thresholds: signal.AnyThresholds | None = None,
     limits: Limits | None = None,
 ) -> Path:
     """The router, with a validated copy of ``experiment_file`` beside it.
@@ -152,16 +153,35 @@ def write_router(
     verified version folders in ``repo``) instead of one BLS call per arm.
     ``thresholds``: also apply the signal, so one model answers with the
     decision (``decide``): with ``in_process``, one hop from features to trade.
+
+    Arms that answer class probabilities (multiclass engines: ``score`` [C])
+    make a model whose ``score`` is ``[C]`` and whose ``class_labels``
+    parameter names the classes; they need ``in_process`` (the BLS router
+    serves one score per row), all arms must answer the same classes, and
+    ``thresholds`` must be the direction rule's (:class:`signal.ClassThresholds`).
     """
     exp = experiment.load(experiment_file)  # refuse a bad file at build time
     cycles.check(repo, name, experiment.callees(exp), str(experiment_file))
     if in_process:
         _require_folders(repo, exp.targets, "in-process arms")
+    classes = signal.arm_classes(repo, exp.arms, exp.targets, str(experiment_file))
+    if classes and not in_process:
+        raise ConfigError(
+            f"{experiment_file}: the arms answer class probabilities {list(classes)}; the BLS "
+            "router serves one score per row: write it with in_process=True (decide)"
+        )
+    if thresholds is not None:
+        signal.check_pairing(thresholds, classes, str(experiment_file))
+        if classes:
+            signal.direction_columns(classes, str(experiment_file))
     cfg = mc.ModelConfig(name=name, backend="python")
     serving.apply(cfg)
     cfg.input.append(mc.ModelInput(**_io(INPUT_NAME, mc.TYPE_FP32, [n_features])))
     cfg.input.append(mc.ModelInput(**_io(KEY, mc.TYPE_STRING, [1], optional=True)))
-    cfg.output.append(mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[1]))
+    width = len(classes) if classes else 1
+    cfg.output.append(mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[width]))
+    if classes:
+        cfg.parameters[CLASS_LABELS_PARAMETER].string_value = json.dumps(list(classes))
     cfg.output.append(mc.ModelOutput(name=ARM, data_type=mc.TYPE_STRING, dims=[1]))
     cfg.output.append(mc.ModelOutput(name=MODEL, data_type=mc.TYPE_STRING, dims=[1]))
     cfg.output.append(mc.ModelOutput(name=EXPERIMENT_VERSION, data_type=mc.TYPE_INT32, dims=[1]))

@@ -1,20 +1,40 @@
 """Probability -> BUY / SELL / HOLD with a confidence, as array operations.
 
-A model says how likely the price goes up; a desk acts on a decision. The
-rule: BUY when ``p >= buy_at``, SELL when ``p <= sell_at``, HOLD between.
-Confidence in [0, 1] is how far ``p`` sits into its zone: for BUY
-``(p - buy_at) / (1 - buy_at)``, for SELL ``(sell_at - p) / sell_at``, for
-HOLD the distance to the nearer threshold over half the band's width (1 in the
-middle of the band, 0 on its edge). Thresholds live in the model's config
-(``parameters``), so a new threshold is a new model version, and the version
-is reported with every decision.
+A model says how likely the price goes up; a desk acts on a decision.
+
+**Binary models** (``score`` [1], the probability of "up"): BUY when
+``p >= buy_at``, SELL when ``p <= sell_at``, HOLD between. Confidence in
+[0, 1] is how far ``p`` sits into its zone: for BUY ``(p - buy_at) / (1 -
+buy_at)``, for SELL ``(sell_at - p) / sell_at``, for HOLD the distance to the
+nearer threshold over half the band's width (1 in the middle of the band, 0
+on its edge). ``thresholds.json``: ``{"buy_at": x, "sell_at": y}``.
+
+**Direction models** (3 classes, ``score`` [3]: the probabilities of
+:data:`DIRECTION_CLASSES` ``down``, ``flat``, ``up``, in the column order the
+model's manifest records; :func:`direction_columns` maps labels to columns):
+
+- BUY when ``p_up - max(p_down, p_flat) >= margin`` and ``p_up >= min_prob``;
+- SELL when ``p_down - max(p_up, p_flat) >= margin`` and ``p_down >= min_prob``;
+- HOLD otherwise (a tie of up and down at margin 0 is HOLD too).
+
+Confidence is the winning margin, which already lies in [0, 1]: for BUY
+``p_up - max(p_down, p_flat)``, for SELL ``p_down - max(p_up, p_flat)``, for
+HOLD ``max(0, p_flat - max(p_down, p_up))`` (0 when HOLD comes from no side
+clearing the bar rather than from "flat" winning). A margin counts as met
+within :data:`setsuna.policy.EDGE_TOLERANCE` (float32 rounding). ``thresholds.json``:
+``{"margin": m, "min_prob": q}`` with ``0 <= m < 1`` and ``0 < q <= 1``. A
+row whose probabilities are outside [0, 1] or do not sum to 1 (within
+:data:`SUM_TOLERANCE`) is refused like a binary probability outside [0, 1].
+
+Thresholds live in the version folder, so a new threshold is a new model
+version, and the version is reported with every decision (``decided_by``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -22,9 +42,15 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from setsuna import policy
+from setsuna.contract import Target
 from setsuna.errors import ConfigError, InputError
 
 THRESHOLDS_FILE: Final = "thresholds.json"
+#: The labels a direction model's classes must carry (any column order).
+DIRECTION_CLASSES: Final = policy.DIRECTION_CLASSES
+#: How far a row of class probabilities may sum from 1 (float32 softmax: ~1e-7).
+SUM_TOLERANCE: Final = policy.SUM_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -47,17 +73,143 @@ class Thresholds:
         return {"buy_at": self.buy_at, "sell_at": self.sell_at}
 
 
+@dataclass(frozen=True)
+class ClassThresholds:
+    """The direction rule's thresholds (see the module): a margin and a minimum probability."""
+
+    margin: float = 0.05
+    min_prob: float = 0.4
+
+    def __post_init__(self) -> None:
+        if not (
+            math.isfinite(self.margin)
+            and math.isfinite(self.min_prob)
+            and 0.0 <= self.margin < 1.0
+            and 0.0 < self.min_prob <= 1.0
+        ):
+            raise ConfigError(
+                f"direction thresholds margin={self.margin}, min_prob={self.min_prob}: need "
+                "0 <= margin < 1 and 0 < min_prob <= 1 (probabilities)"
+            )
+
+    def to_json(self) -> dict[str, float]:
+        return {"margin": self.margin, "min_prob": self.min_prob}
+
+
+AnyThresholds = Thresholds | ClassThresholds
+
+
 def load_thresholds(path: Path) -> Thresholds:
-    """``thresholds.json`` of a signal version folder; ConfigError says what is wrong."""
+    """A binary model's ``thresholds.json`` (the ``signal`` model's); ConfigError otherwise."""
+    t = load_any_thresholds(path)
+    if not isinstance(t, Thresholds):
+        raise ConfigError(
+            f"{path}: this model applies the binary rule: give {{'buy_at': x, 'sell_at': y}} "
+            "(margin/min_prob is the direction rule, which decide applies)"
+        )
+    return t
+
+
+def load_any_thresholds(path: Path) -> AnyThresholds:
+    """``thresholds.json`` of a version folder; ConfigError says what is wrong.
+
+    ``{"buy_at": x, "sell_at": y}`` for a binary model's probability,
+    ``{"margin": m, "min_prob": q}`` for a direction model's classes.
+    """
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read signal thresholds {path}: {exc}") from exc
-    if not isinstance(doc, Mapping) or set(doc) != {"buy_at", "sell_at"}:
-        raise ConfigError(f"{path}: give exactly {{'buy_at': x, 'sell_at': y}}, got {doc!r}")
+    keys = set(doc) if isinstance(doc, Mapping) else set()
+    if keys not in ({"buy_at", "sell_at"}, {"margin", "min_prob"}):
+        raise ConfigError(
+            f"{path}: give exactly {{'buy_at': x, 'sell_at': y}} (a binary model) or "
+            f"{{'margin': m, 'min_prob': q}} (a down/flat/up model), got {doc!r}"
+        )
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in doc.values()):
         raise ConfigError(f"{path}: thresholds must be numbers, got {doc!r}")
+    if keys == {"margin", "min_prob"}:
+        return ClassThresholds(margin=float(doc["margin"]), min_prob=float(doc["min_prob"]))
     return Thresholds(buy_at=float(doc["buy_at"]), sell_at=float(doc["sell_at"]))
+
+
+def direction_columns(classes: Sequence[str], what: str) -> tuple[int, int, int]:
+    """Columns of ``down``, ``flat``, ``up`` in a model's ``classes``; ConfigError otherwise."""
+    return policy.direction_columns(classes, what)
+
+
+def arm_classes(
+    repo: Path, arms: Sequence[str], targets: Sequence[Target], what: str
+) -> tuple[str, ...]:
+    """The classes every arm answers (from its manifest): () for one score per row.
+
+    Arms of one experiment must answer the same classes in the same order: a
+    row's probabilities are read by column, whichever arm scored it. A folder
+    without a manifest (a hand-written leaf model) answers one score.
+    """
+    from ensembles import names
+    from setsuna import manifest
+    from setsuna.errors import ArtifactError
+
+    found: dict[str, tuple[str, ...]] = {}
+    for arm, t in zip(arms, targets, strict=True):
+        try:
+            m = manifest.read(names.inside(repo, t.model, str(t.version)))
+        except ArtifactError:
+            found[arm] = ()
+            continue
+        found[arm] = tuple(m.classes)
+    if len(set(found.values())) > 1:
+        shown = ", ".join(
+            f"{a} ({targets[i].label}): {list(c) or 'one score'}"
+            for i, (a, c) in enumerate(found.items())
+        )
+        raise ConfigError(
+            f"{what}: the arms answer different classes ({shown}); every arm of an "
+            "experiment must answer the same classes in the same order: put the others "
+            "in their own experiment"
+        )
+    return next(iter(found.values()), ())
+
+
+def check_pairing(thresholds: AnyThresholds, classes: Sequence[str], what: str) -> None:
+    """Refuse thresholds of one kind for a model of the other, saying which file to give."""
+    if classes and not isinstance(thresholds, ClassThresholds):
+        raise ConfigError(
+            f"{what}: the model answers class probabilities {list(classes)} but "
+            f"{THRESHOLDS_FILE} gives buy_at/sell_at (a binary rule): give "
+            "{'margin': m, 'min_prob': q}"
+        )
+    if not classes and isinstance(thresholds, ClassThresholds):
+        raise ConfigError(
+            f"{what}: the model answers one probability but {THRESHOLDS_FILE} gives "
+            "margin/min_prob (the direction rule): give {'buy_at': x, 'sell_at': y}"
+        )
+
+
+def decide_classes(
+    p: npt.NDArray[np.float32], t: ClassThresholds, columns: tuple[int, int, int]
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """Signal codes and confidences for rows of direction probabilities (see the module).
+
+    ``p`` is ``[n, 3]``; ``columns`` the (down, flat, up) columns from
+    :func:`direction_columns`. Raises InputError for a row outside [0, 1] or
+    not summing to 1 (NaN included): a broken model must not trade. The rule
+    itself is :func:`setsuna.policy.direction_signals`, which the SDK's
+    :class:`~setsuna.policy.DirectionPolicy` applies too.
+    """
+    return policy.direction_signals(p, columns, margin=t.margin, min_prob=t.min_prob)
+
+
+def apply(
+    p: npt.NDArray[np.float32], t: AnyThresholds, columns: tuple[int, int, int] | None
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """The rule for ``t``'s kind: :func:`decide` (binary) or :func:`decide_classes`."""
+    if isinstance(t, ClassThresholds):
+        if columns is None:
+            raise ConfigError("direction thresholds need the model's class columns")
+        return decide_classes(p, t, columns)
+    return decide(p, t)
 
 
 def decide(

@@ -119,6 +119,8 @@ class ServedModel:
     label: str  # name:version
     schema: FeatureSchema
     artifact_sha256: str  # sha256 of manifest.json, which hashes every artifact
+    #: A multiclass engine's class labels, in the order of its score columns; () otherwise.
+    classes: tuple[str, ...] = ()
 
 
 class ModelCatalog:
@@ -144,7 +146,7 @@ class ModelCatalog:
         path = folder / version
         m = manifest_mod.read(path)
         digest = hashlib.sha256((path / manifest_mod.MANIFEST_NAME).read_bytes()).hexdigest()
-        served = ServedModel(f"{name}:{version}", m.schema, digest)
+        served = ServedModel(f"{name}:{version}", m.schema, digest, tuple(m.classes))
         self._seen[label] = self._seen[served.label] = served
         return served
 
@@ -187,6 +189,7 @@ class Decisions:
 
     event_ns: npt.NDArray[np.int64]
     symbol_ids: npt.NDArray[np.int64]
+    #: ``[n]``, or ``[n, C]`` for a multiclass model (its probabilities, in class order).
     score: npt.NDArray[np.float32] | None
     signal: npt.NDArray[np.int8]
     served_by: npt.NDArray[np.object_]
@@ -305,6 +308,7 @@ class Pipeline:
         if catalog is not None:
             for served in catalog.behind(settings.model):
                 check_schema(engine.names, served.schema, served.label)
+                _check_classes(policy, served)
                 self._artifacts[served.label] = served.artifact_sha256
 
     # -- one request ------------------------------------------------------------------
@@ -350,7 +354,8 @@ class Pipeline:
         signals = self.policy.decide(pred.outputs, ids, ts)
         t3 = time.perf_counter_ns()
         score = pred.outputs.get(OUTPUT_NAME)
-        score_1d = None if score is None else score.reshape(-1).astype(np.float32, copy=False)
+        # One score per row, or a multiclass model's [n, C] probabilities (kept whole).
+        score_1d = None if score is None else _scores(score, len(x))
         served_signal = pred.outputs.get(SIGNAL)
         lat = [(t1 - t0) / 1e3, (t2 - t1) / 1e3, (t3 - t2) / 1e3]
         if self.audit is not None:
@@ -424,6 +429,10 @@ class Pipeline:
             check_schema(self.engine.names, served.schema, label)
         except SchemaMismatchError as exc:
             raise Stop(f"SchemaMismatchError: {exc}") from exc
+        try:
+            _check_classes(self.policy, served)
+        except ConfigError as exc:
+            raise Stop(f"ConfigError: {exc}") from exc
         self._artifacts[label] = served.artifact_sha256
         return served.artifact_sha256
 
@@ -462,6 +471,19 @@ class Pipeline:
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             for start in range(a, b, cap):
                 yield records[start : min(b, start + cap)]
+
+
+def _scores(score: npt.NDArray[Any], rows: int) -> npt.NDArray[np.float32]:
+    """``[n]`` for one score per row, ``[n, C]`` for class probabilities."""
+    s = np.asarray(score).astype(np.float32, copy=False).reshape(rows, -1)
+    return s.reshape(-1) if s.shape[1] == 1 else s
+
+
+def _check_classes(policy: TradingPolicy, served: ServedModel) -> None:
+    """A policy that reads class columns must see the classes it was built for."""
+    check = getattr(policy, "check_model", None)
+    if check is not None:
+        check(served.classes, served.label)
 
 
 def _stop_reason(exc: ServingError) -> str:

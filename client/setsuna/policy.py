@@ -22,18 +22,24 @@ burst of ticks) is applied in order, one pass per repeat.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from setsuna.contract import SIGNAL
-from setsuna.errors import ConfigError
+from setsuna.errors import ConfigError, InputError
 
 I8 = npt.NDArray[np.int8]
 I64 = npt.NDArray[np.int64]
+#: The labels a direction model's classes must carry (any column order).
+DIRECTION_CLASSES: Final = ("down", "flat", "up")
+#: How far a row of class probabilities may sum from 1 (float32 softmax: ~1e-7).
+SUM_TOLERANCE: Final = 1e-3
+#: A margin counts as met this close (float32 differences of probabilities round).
+EDGE_TOLERANCE: Final = 1e-6
 
 
 class TradingPolicy(Protocol):
@@ -163,6 +169,57 @@ class _StancePolicy:
             signals[rows] = out
 
 
+def direction_columns(classes: Sequence[str], what: str) -> tuple[int, int, int]:
+    """Columns of ``down``, ``flat``, ``up`` in a model's ``classes``; ConfigError otherwise."""
+    labels = tuple(classes)
+    if sorted(labels) != sorted(DIRECTION_CLASSES):
+        raise ConfigError(
+            f"{what}: classes {list(labels)} are not the direction classes "
+            f"{list(DIRECTION_CLASSES)}; the BUY/HOLD/SELL rule needs a model trained on "
+            "exactly those three labels (any order)"
+        )
+    down, flat, up = (labels.index(c) for c in DIRECTION_CLASSES)
+    return down, flat, up
+
+
+def direction_signals(
+    p: npt.NDArray[np.float32],
+    columns: tuple[int, int, int],
+    *,
+    margin: float,
+    min_prob: float,
+) -> tuple[I8, npt.NDArray[np.float32]]:
+    """Signal codes and confidences for rows of direction probabilities (the module's rule).
+
+    ``p`` is ``[n, 3]``; ``columns`` the (down, flat, up) columns from
+    :func:`direction_columns`. Raises InputError for a row outside [0, 1] or
+    not summing to 1 (NaN included): a broken model must not trade.
+    """
+    q = np.asarray(p, dtype=np.float64)
+    if q.ndim != 2 or q.shape[1] != 3:
+        raise InputError(f"direction scores have shape {list(q.shape)}; expected [n, 3]")
+    ok = ((q >= 0.0) & (q <= 1.0)).all(axis=1) & (np.abs(q.sum(axis=1) - 1.0) <= SUM_TOLERANCE)
+    if not ok.all():  # NaN fails both comparisons
+        i = int(np.flatnonzero(~ok)[0])
+        raise InputError(
+            f"class probabilities {q[i].tolist()} at row {i} are not probabilities summing "
+            "to 1; the upstream model is broken or not a softmax classifier"
+        )
+    # Decided in float32, the precision models answer in (as the binary rule).
+    q32 = q.astype(np.float32)
+    down, flat, up = (q32[:, c] for c in columns)
+    buy_edge = up - np.maximum(down, flat)
+    sell_edge = down - np.maximum(up, flat)
+    # Met within float32 rounding: a row printed (0.2, 0.3, 0.5) clears margin 0.2.
+    margin32, floor = np.float32(margin - EDGE_TOLERANCE), np.float32(min_prob)
+    buy = (buy_edge >= margin32) & (up >= floor)
+    sell = (sell_edge >= margin32) & (down >= floor)
+    code = buy.astype(np.int8) - sell.astype(np.int8)  # both (a tie at margin 0): HOLD
+    hold_edge = np.maximum(flat - np.maximum(down, up), 0.0)
+    conf = np.where(code == 1, buy_edge, np.where(code == -1, sell_edge, hold_edge))
+    return code, np.clip(conf, 0.0, 1.0).astype(np.float32)
+
+
 class ThresholdPolicy(_StancePolicy):
     """Stance from the model's ``score`` (a probability) with hysteresis; see the module."""
 
@@ -205,3 +262,73 @@ class ServedSignalPolicy(_StancePolicy):
 
     def wanted(self, outputs: Mapping[str, np.ndarray[Any, Any]], ids: I64, current: I8) -> I8:
         return np.clip(np.asarray(outputs[SIGNAL]).reshape(-1), -1, 1).astype(np.int8)
+
+
+class DirectionPolicy(_StancePolicy):
+    """Stance from a 3-class model's ``score`` (down / flat / up probabilities).
+
+    The rule is :func:`direction_signals` (``ensembles.signal`` documents it;
+    ``decide`` over a direction model applies the same one): long when ``up``
+    beats both others by ``margin`` and reaches ``min_prob``, short mirrored,
+    flat otherwise. ``classes`` are the model's class labels in its column
+    order (its manifest's ``classes``, or the ``class_labels`` parameter of its
+    config: :func:`class_labels_from_config`); a model whose classes are not
+    exactly down, flat and up is refused here, before any decision.
+    """
+
+    needs: tuple[str, ...] = ("score",)
+
+    def __init__(
+        self,
+        n_symbols: int,
+        *,
+        classes: Sequence[str],
+        margin: float = 0.05,
+        min_prob: float = 0.4,
+        settings: PolicySettings | None = None,
+    ) -> None:
+        if not (0.0 <= margin < 1.0 and 0.0 < min_prob <= 1.0):
+            raise ConfigError(
+                f"margin={margin}, min_prob={min_prob}: need 0 <= margin < 1 and "
+                "0 < min_prob <= 1 (probabilities)"
+            )
+        self.columns = direction_columns(classes, "DirectionPolicy")
+        self.classes = tuple(classes)
+        super().__init__(n_symbols, settings or PolicySettings())
+        self.margin, self.min_prob = margin, min_prob
+
+    def check_model(self, classes: Sequence[str], label: str) -> None:
+        """Refuse a model (``label``) that answers other classes, or the same in another order."""
+        if tuple(classes) != self.classes:
+            raise ConfigError(
+                f"{label} answers classes {list(classes) or 'none (one score per row)'} but "
+                f"this DirectionPolicy reads columns {list(self.classes)}: build the policy "
+                "from that model's classes, or serve a down/flat/up model"
+            )
+
+    def wanted(self, outputs: Mapping[str, np.ndarray[Any, Any]], ids: I64, current: I8) -> I8:
+        p = np.asarray(outputs["score"], dtype=np.float32).reshape(len(ids), -1)
+        code, _ = direction_signals(p, self.columns, margin=self.margin, min_prob=self.min_prob)
+        return code
+
+
+def class_labels_from_config(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """A model's class labels from its Triton config (JSON, as ``get_model_config`` gives it).
+
+    Empty for a model with one score per row. The build writes them into the
+    ``class_labels`` parameter, as a JSON list in the order of the ``score``
+    columns; a malformed list is a ConfigError naming the parameter.
+    """
+    import json
+
+    cfg = config.get("config", config)
+    raw = cfg.get("parameters", {}).get("class_labels", {}).get("string_value", "")
+    if not raw:
+        return ()
+    try:
+        labels = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config parameter class_labels={raw!r} is not JSON: {exc}") from exc
+    if not isinstance(labels, list) or not all(isinstance(c, str) and c for c in labels):
+        raise ConfigError(f"config parameter class_labels={raw!r}: expected a list of labels")
+    return tuple(labels)

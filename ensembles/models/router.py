@@ -20,6 +20,15 @@ engine (:mod:`ensembles.cycles`), or (``decide``) when an arm cannot load.
 Every downstream call is timed out (:mod:`ensembles.limits`); keys are
 bounded in length and their memo in bytes (:mod:`ensembles.keys`).
 
+Multiclass arms (engines answering class probabilities, ``score`` [C]) are
+served by ``decide`` only: each row's ``score`` is then its C probabilities,
+still one engine call per arm per batch, and the signal applies the direction
+rule (:mod:`ensembles.signal`). An experiment file is refused, with the
+reason, when its arms answer different classes, when its classes do not fit
+this model's ``score`` width or thresholds, when the answer cache is on
+(it holds one score per row), or, for the BLS router, when its arms are
+multiclass at all.
+
 With ``cache_max_bytes`` and ``cache_ttl_ms`` set, each instance remembers
 the arms' scores per row (:mod:`ensembles.cache`, keyed by the experiment in
 force, the arm's ``model:version`` and the row's bytes): cached rows are
@@ -108,6 +117,9 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
 
     def before_watch(self) -> None:
         self.keys = keys.KeyCache(self.limits.max_key_cache_bytes)
+        # model:version -> (classes, (down, flat, up) columns or None), for every arm
+        # a valid file named: the width of its rows and how the signal reads them.
+        self.arm_classes: dict[str, tuple[tuple[str, ...], tuple[int, int, int] | None]] = {}
         # in_process: arms run in this process, loaded from their verified version
         # folders in the same repository: one hop instead of a BLS round trip each.
         self.engines: InProcessEngines | None = (
@@ -115,12 +127,16 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         )
 
     def initialize(self, args: dict[str, Any]) -> None:
+        # Thresholds and the score width first: the experiment file is checked against them.
+        folder = Path(args["model_repository"]) / args["model_version"]
+        thresholds = folder / signal.THRESHOLDS_FILE
+        self.thresholds: signal.AnyThresholds | None = (
+            signal.load_any_thresholds(thresholds) if thresholds.is_file() else None
+        )
+        self.score_width = _score_width(args)
         self.setup(args, self._loads)
         params = self.params
-        folder = Path(args["model_repository"]) / args["model_version"]
         self.label = f"{self.name}:{args['model_version']}"
-        thresholds = folder / signal.THRESHOLDS_FILE
-        self.thresholds = signal.load_thresholds(thresholds) if thresholds.is_file() else None
         self.calls = common.Downstream(self.name, self.limits)
         log = params.get("shadow_log", "")
         self.shadow_log: shadowlog.ShadowLog | None = None
@@ -209,9 +225,41 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         """An experiment file that can take effect here: valid, calling engines only, loadable."""
         exp = experiment.loads(data, origin)
         cycles.check(self.repo, self.name, experiment.callees(exp), origin)
+        classes = signal.arm_classes(self.repo, exp.arms, exp.targets, origin)
+        columns = self._check_classes(classes, origin)
         if self.engines is not None:
             self.engines.prepare(exp.targets)
+        for t in exp.targets:
+            self.arm_classes[t.label] = (classes, columns)
         return exp
+
+    def _check_classes(self, classes: tuple[str, ...], origin: str) -> tuple[int, int, int] | None:
+        """Refuse arms this model cannot answer for; the signal's columns for direction arms."""
+        width = len(classes) if classes else 1
+        if width != self.score_width:
+            raise ConfigError(
+                f"{origin}: the arms answer {width} score(s) per row "
+                f"({list(classes) or 'one probability'}) but {self.name} answers score "
+                f"[{self.score_width}]: write a model for them (ensembles.repository.write_router)"
+            )
+        if not classes:
+            if self.thresholds is not None:
+                signal.check_pairing(self.thresholds, classes, origin)
+            return None
+        if self.engines is None:
+            raise ConfigError(
+                f"{origin}: the arms answer class probabilities {list(classes)}; the BLS "
+                "router serves one score per row: route them through decide (in_process)"
+            )
+        if self.limits.cache_max_bytes > 0 and self.limits.cache_ttl_ms > 0:
+            raise ConfigError(
+                f"{origin}: the answer cache holds one score per row and the arms answer "
+                f"{len(classes)}: set cache_max_bytes to 0 for {self.name}"
+            )
+        if self.thresholds is None:
+            return None
+        signal.check_pairing(self.thresholds, classes, origin)
+        return signal.direction_columns(classes, origin)
 
     def _metric(self, family: Any, **labels: str) -> Any:
         key = (str(id(family)), *(f"{k}={v}" for k, v in sorted(labels.items())))
@@ -306,7 +354,7 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         lo, hi = int(b.arm.min()), int(b.arm.max())
         b.used = [lo] if lo == hi else [int(a) for a in np.unique(b.arm)]
         b.rows_of = {a: np.flatnonzero(b.arm == a) for a in b.used}
-        b.score = np.empty((len(b.x), 1), dtype=np.float32)
+        b.score = np.empty((len(b.x), self.score_width), dtype=np.float32)
         b.timeout = common.timeout_of([requests[i] for i in b.kept], self.limits)
         if self.cache.on:
             self._from_cache(b)
@@ -365,8 +413,11 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
             failed[b.todo[a]] = True
         if self.thresholds is not None:
             ok = ~failed  # failed rows get no decision
+            columns = self.arm_classes[exp.targets[b.used[0]].label][1]
             try:
-                c, f = signal.decide(b.score if not b.failed else b.score[ok], self.thresholds)
+                c, f = signal.apply(
+                    b.score if not b.failed else b.score[ok], self.thresholds, columns
+                )
             except SetsunaError as exc:  # an arm answered outside [0, 1]: fail, never trade
                 return [r or common.failure(f"{self.name}: {exc}") for r in b.responses]
             if b.failed:
@@ -462,6 +513,18 @@ class TritonPythonModel(RouterBase):
             return await self.calls.call(target, x, b.timeout)
         finally:
             b.shadow_us = (time.perf_counter() - began) * 1e6
+
+
+def _score_width(args: dict[str, Any]) -> int:
+    """The ``score`` output's width in this model's config: 1, or C for multiclass arms."""
+    import json
+
+    cfg = json.loads(args.get("model_config", "{}"))
+    for out in cfg.get("output", []):
+        if out.get("name") == OUTPUT_NAME:
+            dims = [int(d) for d in out.get("dims", [1])]
+            return dims[-1] if dims else 1
+    return 1
 
 
 __all__ = ["RouterBase", "TritonPythonModel"]
