@@ -20,8 +20,11 @@ after the waiters are released, not inside a commit somebody waits for.
 A record holds the event time, symbol, the model called and the engine that
 answered (``name``, ``version``, sha256 of its ``manifest.json``: which
 covers every artifact file), the input features as float32 bytes, the
-outputs, the signal, the stage latencies up to the record (a row cannot hold
-the duration of the commit that writes it) and the request id.
+outputs (``score`` for a model with one score per row; for a multiclass
+model, ``score`` is NULL and ``scores`` holds the whole probability vector as
+float32 bytes, in the model's class order), the signal, the stage latencies
+up to the record (a row cannot hold the duration of the commit that writes
+it) and the request id.
 
 Failures are typed: a database another connection keeps locked past
 ``busy_timeout_ms`` is an :class:`~setsuna.errors.AuditLockedError`, a full
@@ -33,7 +36,13 @@ never half written; every batch queued behind it fails too (counted in
 and by every later ``record``, ``flush`` and ``close``.
 
 :func:`verify` re-sends the recorded features to the recorded model version
-and lists every prediction that does not reproduce.
+and lists every prediction that does not reproduce (every class of a
+multiclass model's vector).
+
+Format 2 added the ``scores`` column. A format-1 database (no such column)
+is upgraded in place when opened for writing (``ALTER TABLE ... ADD COLUMN``:
+its rows keep their ``score`` and read ``scores`` as NULL) and verifies as
+before; a database of a newer format than this code is refused.
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ from setsuna.errors import AuditError, AuditFullError, AuditLockedError, ConfigE
 if TYPE_CHECKING:
     from setsuna.client import Client
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LATENCY_COLUMNS = ("features_us", "infer_us", "policy_us", "audit_us", "tick_to_signal_us")
 #: Rows committed between two checkpoints (~1 MB of WAL at ~250 bytes a row).
 _CHECKPOINT_ROWS = 4_000
@@ -77,14 +86,15 @@ CREATE TABLE IF NOT EXISTS decisions (
     score REAL,
     served_signal INTEGER,
     signal INTEGER NOT NULL,
-    {", ".join(f"{c} REAL NOT NULL" for c in LATENCY_COLUMNS)}
+    {", ".join(f"{c} REAL NOT NULL" for c in LATENCY_COLUMNS)},
+    scores BLOB
 );
 CREATE INDEX IF NOT EXISTS decisions_model ON decisions (model, version);
 """
 _INSERT = (
     "INSERT INTO decisions (request_id, event_ns, symbol, endpoint, model, version, "
     "artifact_sha256, features, score, served_signal, signal, "
-    f"{', '.join(LATENCY_COLUMNS)}) VALUES ({', '.join('?' * (11 + len(LATENCY_COLUMNS)))})"
+    f"{', '.join(LATENCY_COLUMNS)}, scores) VALUES ({', '.join('?' * (12 + len(LATENCY_COLUMNS)))})"
 )
 
 Synchronous = Literal["FULL", "NORMAL"]
@@ -140,6 +150,7 @@ class DecisionBatch:
     served_by: npt.NDArray[np.object_]
     artifacts: npt.NDArray[np.object_]
     features: npt.NDArray[np.float32]
+    #: ``[n]`` (one score per row), or ``[n, C]``: a multiclass model's probabilities.
     score: npt.NDArray[np.float32] | None
     served_signal: npt.NDArray[np.int8] | None
     signal: npt.NDArray[np.int8]
@@ -161,6 +172,14 @@ class DecisionBatch:
         features = np.ascontiguousarray(self.features, dtype=np.float32).reshape(n, -1)
         blobs = features.view(np.dtype((np.void, features.shape[1] * 4))).reshape(n).tolist()
         none = repeat(None, n)
+        score: Iterable[Any] = repeat(None, n)
+        vectors: Iterable[Any] = repeat(None, n)
+        if self.score is not None:
+            s = np.ascontiguousarray(self.score, dtype=np.float32).reshape(n, -1)
+            if s.shape[1] == 1:
+                score = s.reshape(-1).tolist()
+            else:  # the whole vector, in class order: verify compares every class
+                vectors = s.view(np.dtype((np.void, s.shape[1] * 4))).reshape(n).tolist()
         return zip(
             repeat(self.request_id, n),
             self.event_ns.tolist(),
@@ -170,10 +189,11 @@ class DecisionBatch:
             versions,
             self.artifacts.tolist(),
             blobs,
-            none if self.score is None else self.score.tolist(),
+            score,
             none if self.served_signal is None else self.served_signal.tolist(),
             self.signal.tolist(),
             *(repeat(float(v), n) for v in self.latencies_us),
+            vectors,
             strict=True,  # a column of another length is a bug, never a short record
         )
 
@@ -237,11 +257,33 @@ class AuditLog:
                 page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
                 self._db.execute(f"PRAGMA max_page_count={self.settings.max_db_bytes // page}")
             self._db.executescript(_SCHEMA)
+            self._upgrade()
             self._check_meta(run_info or {})
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from exc
         self._thread = threading.Thread(target=self._writer, name="setsuna-audit", daemon=True)
         self._thread.start()
+
+    def _upgrade(self) -> None:
+        """Refuse a newer format; give a format-1 database the ``scores`` column (compatible)."""
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        if found is not None and not str(found[0]).isdigit():
+            raise ConfigError(f"{self.path} has audit format {found[0]!r}; write to a new file")
+        if found is not None and int(found[0]) > FORMAT_VERSION:
+            raise ConfigError(
+                f"{self.path} is audit format {found[0]}, newer than this setsuna's "
+                f"{FORMAT_VERSION}: upgrade setsuna or write this run to a new file"
+            )
+        if "scores" not in _columns(self._db):
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute("ALTER TABLE decisions ADD COLUMN scores BLOB")
+        if found is not None and int(found[0]) < FORMAT_VERSION:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'format'", (str(FORMAT_VERSION),)
+                )
 
     def _check_meta(self, run_info: dict[str, Any]) -> None:
         rows = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -397,8 +439,9 @@ class Mismatch:
 
     record_id: int
     model: str
-    recorded: float | None
-    got: float | None
+    #: The score, or a multiclass model's whole vector (list, class order).
+    recorded: float | list[float] | None
+    got: float | list[float] | None
     reason: str
 
 
@@ -413,8 +456,17 @@ class VerifyReport:
         return self.checked > 0 and not self.mismatches
 
 
+def _columns(db: sqlite3.Connection) -> set[str]:
+    return {str(r[1]) for r in db.execute("PRAGMA table_info(decisions)").fetchall()}
+
+
 def read_records(path: str | Path) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
-    """(feature names, rows of id, model, version, features blob, score) from a database."""
+    """(feature names, rows of id, model, version, features blob, score, scores blob).
+
+    ``scores`` (a multiclass model's float32 vector) is None for a row with one
+    score, and for every row of a format-1 database (read as it is, never
+    upgraded by a reader). A newer format than this code is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise AuditError(f"{path}: no such audit database")
@@ -422,8 +474,15 @@ def read_records(path: str | Path) -> tuple[tuple[str, ...], list[tuple[Any, ...
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            fmt = str(meta.get("format", "1"))
+            if not fmt.isdigit() or int(fmt) > FORMAT_VERSION:
+                raise AuditError(
+                    f"{path} is audit format {fmt}, newer than this setsuna's {FORMAT_VERSION}: "
+                    "verify it with the setsuna that wrote it"
+                )
+            vectors = "scores" if "scores" in _columns(db) else "NULL"
             rows = db.execute(
-                "SELECT id, model, version, features, score FROM decisions ORDER BY id"
+                f"SELECT id, model, version, features, score, {vectors} FROM decisions ORDER BY id"
             ).fetchall()
         finally:
             db.close()
@@ -435,7 +494,11 @@ def read_records(path: str | Path) -> tuple[tuple[str, ...], list[tuple[Any, ...
 def verify(
     path: str | Path, client: Client, *, atol: float = 1e-6, batch_rows: int = 512
 ) -> VerifyReport:
-    """Re-send every recorded input to its recorded model version; compare the scores."""
+    """Re-send every recorded input to its recorded model version; compare the scores.
+
+    A row recorded with a probability vector (multiclass) reproduces when every
+    class is within ``atol``; a vector of another length than the answer differs.
+    """
     from setsuna.errors import ServingError
 
     _, rows = read_records(path)
@@ -455,15 +518,52 @@ def verify(
                     Mismatch(r[0], f"{model}:{version}", r[4], None, str(exc)) for r in chunk
                 ]
                 continue
-            got = pred["score"].reshape(-1).astype(np.float64)
+            answer = np.asarray(pred["score"], dtype=np.float64).reshape(len(chunk), -1)
+            if any(r[5] is not None for r in chunk):
+                _compare_vectors(report, chunk, answer, f"{model}:{version}", atol)
+                continue
+            got = answer.reshape(-1) if answer.shape[1] == 1 else np.full(len(chunk), np.nan)
             want = np.array([np.nan if r[4] is None else r[4] for r in chunk])
             bad = ~(np.abs(got - want) <= atol)
             report.reproduced += int(np.count_nonzero(~bad))
             report.mismatches += [
-                Mismatch(chunk[i][0], f"{model}:{version}", chunk[i][4], float(got[i]), "differs")
+                Mismatch(
+                    chunk[i][0],
+                    f"{model}:{version}",
+                    chunk[i][4],
+                    float(got[i]) if answer.shape[1] == 1 else answer[i].tolist(),
+                    "differs" if answer.shape[1] == 1 else "the model now answers a vector",
+                )
                 for i in np.flatnonzero(bad)
             ]
     return report
+
+
+def _compare_vectors(
+    report: VerifyReport,
+    chunk: list[tuple[Any, ...]],
+    answer: npt.NDArray[np.float64],
+    label: str,
+    atol: float,
+) -> None:
+    """Rows recorded with a probability vector: every class must reproduce within ``atol``."""
+    for r, got in zip(chunk, answer, strict=True):
+        want = None if r[5] is None else np.frombuffer(r[5], np.float32).astype(np.float64)
+        if want is None or len(want) != len(got):
+            what = "no vector recorded" if want is None else f"{len(want)} classes recorded"
+            report.mismatches.append(
+                Mismatch(
+                    r[0],
+                    label,
+                    None if want is None else want.tolist(),
+                    got.tolist(),
+                    f"{what}, {len(got)} answered",
+                )
+            )
+        elif bool((np.abs(got - want) <= atol).all()):
+            report.reproduced += 1
+        else:
+            report.mismatches.append(Mismatch(r[0], label, want.tolist(), got.tolist(), "differs"))
 
 
 def register(subparsers: Any) -> None:
