@@ -10,7 +10,11 @@ same task) it writes:
 - ``decide``: the same experiment, arms in process, the signal applied: one hop;
 - ``combiner``: the mean of lightgbm, xgboost and mlp, their engines in process;
 - ``selector`` over lightgbm:1 and xgboost:1 with a 2 ms p99 budget, and
-  ``feedback`` recording outcomes for it (SQLite beside the feedback model).
+  ``feedback`` recording outcomes for it (SQLite beside the feedback model);
+- ``decide_direction`` when the 3-class example ``eurusd_direction`` is built:
+  one arm (``eurusd_direction:1``) in process and the direction rule
+  (:class:`ensembles.signal.ClassThresholds`, :data:`DIRECTION_THRESHOLDS`),
+  answering ``score`` [3] (down, flat, up), ``signal`` and ``confidence``.
 
 The example selector chooses between two sources of one task because the
 examples publish one engine per source; it is built for variants of one
@@ -49,6 +53,11 @@ COMBINER_IN_PROCESS = True
 #: the instances requests in turn and each runs cold (one row's execute 440-475 us
 #: in the stub instead of 270-325 us). See docs/architecture.md, "What a hop costs".
 DECIDE_SERVING = rep.Serving(instances=1)
+#: The 3-class example (build_engines.examples.market) and the decide serving it.
+DIRECTION_MODEL = "eurusd_direction"
+DIRECTION_DECIDE = "decide_direction"
+#: BUY when p_up beats both others by 0.05 and is at least 0.40 (SELL mirrors it).
+DIRECTION_THRESHOLDS = signal.ClassThresholds(margin=0.05, min_prob=0.40)
 
 
 def shadow_log(repo: Path, router: str) -> Path:
@@ -134,7 +143,31 @@ def write_examples(repo: Path) -> list[Path]:
             rep.write_selector(repo, files / "selector.json", n, outcomes_db=outcomes, serving=one)
         )
         out.append(rep.write_feedback(repo, Path("outcomes.db")))
+        if (repo / DIRECTION_MODEL / "1" / "manifest.json").is_file():
+            out.append(write_direction_decide(repo, files))
     return out
+
+
+def write_direction_decide(repo: Path, files: Path) -> Path:
+    """``decide_direction``: the 3-class example in process, the direction rule applied."""
+    n = manifest.read(repo / DIRECTION_MODEL / "1").schema.row_shape[0]
+    doc = ExperimentDoc.single(
+        "direction",
+        {"main": Target(DIRECTION_MODEL, 1)},
+        {"main": 1.0},
+        salt="direction-v1",
+    )
+    path = files / "direction.json"
+    path.write_text(doc.dumps())
+    return rep.write_router(
+        repo,
+        path,
+        n,
+        name=DIRECTION_DECIDE,
+        in_process=True,
+        thresholds=DIRECTION_THRESHOLDS,
+        serving=DECIDE_SERVING,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

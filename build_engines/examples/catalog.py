@@ -1,8 +1,9 @@
 """The example models, trained on the spot with fixed seeds.
 
 Four synthetic ones (48 features; other code and perf figures depend on them)
-and ``eurusd_lgbm``, trained on real EURUSD bars through setsuna's features
-(:mod:`.market`).
+and two trained on real EURUSD bars through setsuna's features
+(:mod:`.market`): ``eurusd_lgbm`` (up or not) and ``eurusd_direction``
+(down / flat / up, a 3-class model).
 
 ``small=True`` shrinks the tree ensembles (compiling 500 trees with lleaves
 takes over a minute here) for tests and quick demos; the neural nets keep
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from build_engines.base import F32, Source
 from build_engines.examples import data
 
-EXAMPLES = ("lightgbm", "xgboost", "mlp", "lstm", "eurusd_lgbm")
+EXAMPLES = ("lightgbm", "xgboost", "mlp", "lstm", "eurusd_lgbm", "eurusd_direction")
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,30 @@ def _eurusd_lgbm(small: bool) -> Example:
     return Example(from_lightgbm(booster, name=market.NAME, feature_names=names), split.x_valid)
 
 
+def _eurusd_direction(small: bool) -> Example:
+    from build_engines.examples import market
+    from build_engines.sources.trees import from_lightgbm
+
+    split = market.split(direction=True)
+    booster = market.train_direction(split, small=small)
+    return Example(
+        from_lightgbm(
+            booster,
+            name=market.DIRECTION_NAME,
+            feature_names=market.spec().names,
+            class_labels=market.DIRECTION_CLASSES,
+        ),
+        split.x_valid,
+    )
+
+
 _TRAINERS: dict[str, Callable[[bool], Example]] = {
     "lightgbm": _lightgbm,
     "xgboost": _xgboost,
     "mlp": _mlp,
     "lstm": _lstm,
     "eurusd_lgbm": _eurusd_lgbm,
+    "eurusd_direction": _eurusd_direction,
 }
 
 

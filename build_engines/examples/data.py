@@ -43,8 +43,13 @@ def tabular(
     *,
     seed: int = 7,
     valid_share: float = 0.25,
+    classes: int = 2,
 ) -> Split:
-    """Rows of ``n_features`` correlated features and a binary label."""
+    """Rows of ``n_features`` correlated features and a binary label.
+
+    ``classes=3``: the same rows labelled 0/1/2 (down/flat/up) by the noisy
+    signal's terciles instead of its sign (the multiclass benchmark's data).
+    """
     rng = np.random.default_rng(seed)
     n_factors = 6
     loadings = rng.normal(size=(n_factors, n_features))
@@ -57,7 +62,11 @@ def tabular(
         - 0.5 * (x[:, 2] > 0.3) * x[:, 3]
         + 0.3 * np.sin(2.0 * x[:, 4])
     )
-    y = (signal + 0.7 * rng.normal(size=n_rows) > 0).astype(np.int8)
+    noisy = signal + 0.7 * rng.normal(size=n_rows)
+    if classes == 3:
+        y = np.digitize(noisy, np.quantile(noisy, [1 / 3, 2 / 3])).astype(np.int8)
+    else:
+        y = (noisy > 0).astype(np.int8)
     return _split(np.ascontiguousarray(x, dtype=np.float32), y, valid_share)
 
 

@@ -8,6 +8,13 @@ the held-out part. The rest of the series is never trained on: its feature
 rows are the gate's held-out rows, and the demo replays those bars (with the
 tails of the other packaged series) through the pipeline. The manifest
 records the feature schema (names in order), which the pipeline checks.
+
+``eurusd_direction`` is the 3-class sibling: the same bars, features, cut
+and purge, labelled ``down`` / ``flat`` / ``up`` by the return over the same
+horizon with a flat band of :data:`FLAT_BAND_BPS` basis points (``r <= -band``
+down, ``r >= band`` up, flat between; 7 bps splits this EURUSD series into
+roughly equal thirds), a LightGBM ``multiclass`` model whose served score is
+the three class probabilities.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ HORIZON_BARS = 5
 TRAIN_SHARE = 0.7
 #: Packaged series the demo replays as symbols (their tails); the model trains on the first.
 SERIES = ("eurusd", "sp500", "nasdaq", "goog")
+#: The 3-class example: its name, its classes (in column order) and its flat band.
+DIRECTION_NAME = "eurusd_direction"
+DIRECTION_CLASSES = ("down", "flat", "up")
+#: |return over HORIZON_BARS| below this many basis points is "flat" (7 bps: ~1/3 each).
+FLAT_BAND_BPS = 7.0
 
 
 def spec() -> FeatureSpec:
@@ -64,9 +76,20 @@ def replay_bars() -> pd.DataFrame:
     return pd.concat([datasets.load(s) for s in SERIES], ignore_index=True)
 
 
-def split() -> Split:
-    """Training rows (before the cut, purged) and held-out rows (after), EURUSD only."""
-    from setsuna.dataset import LABEL, build_dataset, feature_matrix
+def direction_labels(fwd_return: Any, band_bps: float = FLAT_BAND_BPS) -> Any:
+    """0 (down), 1 (flat), 2 (up): the return against a flat band of ``band_bps``."""
+    r = np.asarray(fwd_return, dtype=np.float64)
+    band = band_bps / 1e4
+    return (np.where(r >= band, 2, np.where(r <= -band, 0, 1))).astype(np.int8)
+
+
+def split(*, direction: bool = False) -> Split:
+    """Training rows (before the cut, purged) and held-out rows (after), EURUSD only.
+
+    Labels: up or not (binary), or with ``direction`` down/flat/up
+    (:func:`direction_labels`).
+    """
+    from setsuna.dataset import FORWARD_RETURN, LABEL, build_dataset, feature_matrix
     from setsuna.market import datasets
 
     bars = datasets.eurusd()
@@ -75,12 +98,37 @@ def split() -> Split:
     train = data[data["timestamp"] < first_unseen].iloc[:-HORIZON_BARS]
     valid = data[data["timestamp"] >= first_unseen]
     s = spec()
-    return Split(
-        feature_matrix(train, s),
-        train[LABEL].to_numpy(np.int8),
-        feature_matrix(valid, s),
-        valid[LABEL].to_numpy(np.int8),
-    )
+
+    def labels(rows: pd.DataFrame) -> Any:
+        if direction:
+            return direction_labels(rows[FORWARD_RETURN].to_numpy())
+        return rows[LABEL].to_numpy(np.int8)
+
+    return Split(feature_matrix(train, s), labels(train), feature_matrix(valid, s), labels(valid))
+
+
+def train_direction(split: Split, *, small: bool = False, seed: int = 7) -> lightgbm.Booster:
+    """A small LightGBM ``multiclass`` (down/flat/up), tuned like :func:`train_lightgbm`."""
+    import lightgbm as lgb
+
+    params: dict[str, Any] = {
+        "objective": "multiclass",
+        "num_class": len(DIRECTION_CLASSES),
+        "num_leaves": 7 if small else 15,
+        "learning_rate": 0.03,
+        "min_data_in_leaf": 50,
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "lambda_l2": 1.0,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": TRAIN_THREADS,
+        "verbose": -1,
+    }
+    train = lgb.Dataset(split.x_train, label=split.y_train.astype(np.float32))
+    return lgb.train(params, train, num_boost_round=40 if small else 100)
 
 
 def train_lightgbm(split: Split, *, small: bool = False, seed: int = 7) -> lightgbm.Booster:
