@@ -171,7 +171,8 @@ def write_router(
             "router serves one score per row: write it with in_process=True (decide)"
         )
     if thresholds is not None:
-        signal.check_pairing(thresholds, classes, str(experiment_file))
+        task = signal.arm_task(repo, exp.targets, str(experiment_file))
+        signal.check_pairing(thresholds, classes, str(experiment_file), task)
         if classes:
             signal.direction_columns(classes, str(experiment_file))
     cfg = mc.ModelConfig(name=name, backend="python")

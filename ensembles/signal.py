@@ -26,6 +26,16 @@ within :data:`setsuna.policy.EDGE_TOLERANCE` (float32 rounding). ``thresholds.js
 row whose probabilities are outside [0, 1] or do not sum to 1 (within
 :data:`SUM_TOLERANCE`) is refused like a binary probability outside [0, 1].
 
+**Return models** (regressors of the forward return, ``score`` [1] in return
+units: a fraction, 0.0005 is 5 bps): BUY when ``r >= buy_above_return``, SELL
+when ``r <= sell_below_return``, HOLD between. Confidence is the distance
+into the zone over the band's width (``buy_above_return -
+sell_below_return``), capped at 1; for HOLD the distance to the nearer
+threshold over half the band's width, as for a probability. A non-finite
+prediction is refused. ``thresholds.json``: ``{"buy_above_return": x,
+"sell_below_return": y}`` with ``-1 < y < x < 1``. A regressor paired with
+probability thresholds, or a classifier with return thresholds, is refused.
+
 Thresholds live in the version folder, so a new threshold is a new model
 version, and the version is reported with every decision (``decided_by``).
 """
@@ -96,7 +106,35 @@ class ClassThresholds:
         return {"margin": self.margin, "min_prob": self.min_prob}
 
 
-AnyThresholds = Thresholds | ClassThresholds
+@dataclass(frozen=True)
+class ReturnThresholds:
+    """A forward-return regressor's rule, in return units (0.0005 = 5 bps; see the module)."""
+
+    buy_above_return: float = 0.0005
+    sell_below_return: float = -0.0005
+
+    def __post_init__(self) -> None:
+        b, s = self.buy_above_return, self.sell_below_return
+        if not (math.isfinite(b) and math.isfinite(s) and -1.0 < s < b < 1.0):
+            raise ConfigError(
+                f"return thresholds sell_below_return={s}, buy_above_return={b}: need "
+                "-1 < sell_below_return < buy_above_return < 1 (returns as fractions: "
+                "0.0005 is 5 bps)"
+            )
+
+    def to_json(self) -> dict[str, float]:
+        return {
+            "buy_above_return": self.buy_above_return,
+            "sell_below_return": self.sell_below_return,
+        }
+
+
+AnyThresholds = Thresholds | ClassThresholds | ReturnThresholds
+_KINDS: Final = (
+    {"buy_at", "sell_at"},
+    {"margin", "min_prob"},
+    {"buy_above_return", "sell_below_return"},
+)
 
 
 def load_thresholds(path: Path) -> Thresholds:
@@ -121,15 +159,22 @@ def load_any_thresholds(path: Path) -> AnyThresholds:
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read signal thresholds {path}: {exc}") from exc
     keys = set(doc) if isinstance(doc, Mapping) else set()
-    if keys not in ({"buy_at", "sell_at"}, {"margin", "min_prob"}):
+    if keys not in _KINDS:
         raise ConfigError(
-            f"{path}: give exactly {{'buy_at': x, 'sell_at': y}} (a binary model) or "
-            f"{{'margin': m, 'min_prob': q}} (a down/flat/up model), got {doc!r}"
+            f"{path}: give exactly {{'buy_at': x, 'sell_at': y}} (a binary model), "
+            f"{{'margin': m, 'min_prob': q}} (a down/flat/up model) or "
+            f"{{'buy_above_return': x, 'sell_below_return': y}} (a return regressor), "
+            f"got {doc!r}"
         )
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in doc.values()):
         raise ConfigError(f"{path}: thresholds must be numbers, got {doc!r}")
     if keys == {"margin", "min_prob"}:
         return ClassThresholds(margin=float(doc["margin"]), min_prob=float(doc["min_prob"]))
+    if keys == {"buy_above_return", "sell_below_return"}:
+        return ReturnThresholds(
+            buy_above_return=float(doc["buy_above_return"]),
+            sell_below_return=float(doc["sell_below_return"]),
+        )
     return Thresholds(buy_at=float(doc["buy_at"]), sell_at=float(doc["sell_at"]))
 
 
@@ -172,8 +217,47 @@ def arm_classes(
     return next(iter(found.values()), ())
 
 
-def check_pairing(thresholds: AnyThresholds, classes: Sequence[str], what: str) -> None:
+def arm_task(repo: Path, targets: Sequence[Target], what: str) -> str:
+    """``classification`` or ``regression``: what every arm's manifest says (they must
+    agree: a row's score is read by one rule, whichever arm scored it)."""
+    from ensembles import names
+    from setsuna import manifest
+    from setsuna.errors import ArtifactError
+
+    tasks = {}
+    for t in targets:
+        try:
+            tasks[t.label] = manifest.read(names.inside(repo, t.model, str(t.version))).task
+        except ArtifactError:
+            tasks[t.label] = "classification"  # a hand-written leaf: one probability
+    if len(set(tasks.values())) > 1:
+        raise ConfigError(
+            f"{what}: the arms mix classifiers and regressors ({tasks}); one experiment's "
+            "scores are read by one rule: put them in their own experiments"
+        )
+    return next(iter(tasks.values()), "classification")
+
+
+def check_pairing(
+    thresholds: AnyThresholds,
+    classes: Sequence[str],
+    what: str,
+    task: str = "classification",
+) -> None:
     """Refuse thresholds of one kind for a model of the other, saying which file to give."""
+    if task == "regression" and not isinstance(thresholds, ReturnThresholds):
+        raise ConfigError(
+            f"{what}: the model predicts a return (a regressor) but {THRESHOLDS_FILE} gives a "
+            "probability rule: give {'buy_above_return': x, 'sell_below_return': y} in "
+            "return units"
+        )
+    if task != "regression" and isinstance(thresholds, ReturnThresholds):
+        raise ConfigError(
+            f"{what}: {THRESHOLDS_FILE} gives return thresholds but the model is a "
+            "classifier: give {'buy_at': x, 'sell_at': y} (or margin/min_prob for classes)"
+        )
+    if task == "regression":
+        return
     if classes and not isinstance(thresholds, ClassThresholds):
         raise ConfigError(
             f"{what}: the model answers class probabilities {list(classes)} but "
@@ -204,7 +288,10 @@ def decide_classes(
 def apply(
     p: npt.NDArray[np.float32], t: AnyThresholds, columns: tuple[int, int, int] | None
 ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
-    """The rule for ``t``'s kind: :func:`decide` (binary) or :func:`decide_classes`."""
+    """The rule for ``t``'s kind: :func:`decide` (binary), :func:`decide_classes` or
+    :func:`decide_returns`."""
+    if isinstance(t, ReturnThresholds):
+        return decide_returns(p, t)
     if isinstance(t, ClassThresholds):
         if columns is None:
             raise ConfigError("direction thresholds need the model's class columns")
@@ -236,4 +323,27 @@ def decide(
     hold = np.minimum(q - t.sell_at, t.buy_at - q) * (2.0 / (t.buy_at - t.sell_at))
     conf = np.where(buy, (q - t.buy_at) / (1.0 - t.buy_at), hold)
     conf = np.where(sell, (t.sell_at - q) / t.sell_at, conf)
+    return code, np.clip(conf, 0.0, 1.0).astype(np.float32)
+
+
+def decide_returns(
+    r: npt.NDArray[np.float32], t: ReturnThresholds
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]]:
+    """Signal codes and confidences for predicted returns ``r`` (see the module).
+
+    Raises InputError for a non-finite prediction: a broken regressor must not
+    trade.
+    """
+    q = np.asarray(r, dtype=np.float64).reshape(-1)
+    if not np.isfinite(q).all():
+        i = int(np.flatnonzero(~np.isfinite(q))[0])
+        raise InputError(f"predicted return {q[i]!r} at row {i} is not finite")
+    q32 = q.astype(np.float32)  # zones in the precision models answer in
+    buy = q32 >= np.float32(t.buy_above_return)
+    sell = q32 <= np.float32(t.sell_below_return)
+    code = buy.astype(np.int8) - sell.astype(np.int8)
+    band = t.buy_above_return - t.sell_below_return
+    hold = np.minimum(q - t.sell_below_return, t.buy_above_return - q) * (2.0 / band)
+    conf = np.where(buy, (q - t.buy_above_return) / band, hold)
+    conf = np.where(sell, (t.sell_below_return - q) / band, conf)
     return code, np.clip(conf, 0.0, 1.0).astype(np.float32)

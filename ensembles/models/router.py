@@ -226,14 +226,17 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
         exp = experiment.loads(data, origin)
         cycles.check(self.repo, self.name, experiment.callees(exp), origin)
         classes = signal.arm_classes(self.repo, exp.arms, exp.targets, origin)
-        columns = self._check_classes(classes, origin)
+        task = signal.arm_task(self.repo, exp.targets, origin)
+        columns = self._check_classes(classes, origin, task)
         if self.engines is not None:
             self.engines.prepare(exp.targets)
         for t in exp.targets:
             self.arm_classes[t.label] = (classes, columns)
         return exp
 
-    def _check_classes(self, classes: tuple[str, ...], origin: str) -> tuple[int, int, int] | None:
+    def _check_classes(
+        self, classes: tuple[str, ...], origin: str, task: str = "classification"
+    ) -> tuple[int, int, int] | None:
         """Refuse arms this model cannot answer for; the signal's columns for direction arms."""
         width = len(classes) if classes else 1
         if width != self.score_width:
@@ -244,7 +247,7 @@ class RouterBase(WatchedFileModel[experiment.Experiment]):
             )
         if not classes:
             if self.thresholds is not None:
-                signal.check_pairing(self.thresholds, classes, origin)
+                signal.check_pairing(self.thresholds, classes, origin, task)
             return None
         if self.engines is None:
             raise ConfigError(
