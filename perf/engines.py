@@ -1,7 +1,7 @@
 """In-process engine benchmark: every candidate beside its source library.
 
     .venv/bin/python perf/engines.py [--examples lightgbm,xgboost,mlp,lstm] [--small]
-        [--multiclass lightgbm_3class,xgboost_3class]
+        [--multiclass lightgbm_3class,xgboost_3class] [--catboost catboost]
 
 For each example model this trains the source (fixed seed), builds every
 candidate, and times each one in this process exactly as the gate does but
@@ -15,6 +15,10 @@ Multiclass rows (issue 15): a LightGBM ``multiclass`` and an XGBoost
 terciles) are built and timed the same way in the same run, and summarised
 beside their source library (p50 per row, rows/s at 1,024, identical argmax,
 the largest per-class |Δ| of the probabilities).
+
+CatBoost rows (issue 15): a binary ``CatBoostClassifier`` (500 trees of depth
+6 on the same 48-feature rows) with its ONNX export and its compiled C++
+export (``catboost-cpp``), beside CatBoost's own predictor, same run.
 
 Numbers are for this host only; rerun them where you deploy.
 """
@@ -36,6 +40,9 @@ from build_engines.spec import ModelSpec
 BENCH = GateSettings(latency_calls=3000, batch_budget_s=1.0)
 OUT = Path(".cache/perf")
 MULTICLASS = ("lightgbm_3class", "xgboost_3class")
+CATBOOST = ("catboost",)
+#: Trees of the CatBoost benchmark (depth 6: CatBoost's default).
+CATBOOST_ITERATIONS = 500
 #: Rounds of the multiclass benchmarks (x 3 trees each: one per class).
 MULTICLASS_ROUNDS = 150
 
@@ -78,6 +85,52 @@ def train_multiclass(name: str, *, small: bool = False) -> Example:
         rounds,
     )
     return Example(from_xgboost(xbooster, name=name, class_labels=labels), split.x_valid)
+
+
+def train_catboost(*, small: bool = False) -> Example:
+    """A binary CatBoostClassifier on the tabular rows (fixed seed, no files written)."""
+    import catboost
+
+    from build_engines.examples import data
+    from build_engines.sources.catboost_model import from_catboost
+
+    split = data.tabular()
+    model = catboost.CatBoostClassifier(
+        iterations=100 if small else CATBOOST_ITERATIONS,
+        depth=6,
+        random_seed=7,
+        thread_count=2,
+        verbose=0,
+        allow_writing_files=False,
+    ).fit(split.x_train, split.y_train)
+    return Example(from_catboost(model, name="catboost"), split.x_valid)
+
+
+def beside_table(reports: dict[str, Report]) -> list[str]:
+    """Markdown rows: every engine of a binary model beside its source library, same run."""
+    head = [
+        "| model | engine | p50 us/row | rows/s @1024 | p50 vs source | rows/s vs source "
+        "| identical decisions | max |Δ| | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for name, r in reports.items():
+        src = r.source
+        rows.append(
+            f"| {name} | {src.engine} (source) | {src.p50_us:.1f} | "
+            f"{src.rows_per_s_at_1024:,.0f} | 1.00x | 1.00x | - | - | reference |"
+        )
+        for f in r.candidates:
+            if not math.isfinite(f.p50_us):
+                continue
+            rows.append(
+                f"| {name} | {f.name} | {f.p50_us:.1f} | {f.rows_per_s_at_1024:,.0f} | "
+                f"{src.p50_us / f.p50_us:.2f}x | "
+                f"{f.rows_per_s_at_1024 / src.rows_per_s_at_1024:.2f}x | "
+                f"{f.identical_decisions:.4%} | {f.max_abs_diff:.2e} | "
+                f"{'PASS' if f.passed else 'REJECT: ' + f.reason} |"
+            )
+    return head + rows
 
 
 def multiclass_table(reports: dict[str, Report]) -> list[str]:
@@ -149,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(MULTICLASS),
         help=f"3-class benchmarks to run too (of {', '.join(MULTICLASS)}; '' for none)",
     )
+    p.add_argument(
+        "--catboost",
+        default=",".join(CATBOOST),
+        help="the CatBoost benchmark ('catboost'; '' for none)",
+    )
     args = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     reports: dict[str, Report] = {}
@@ -167,6 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         ev = evaluate(ex.source, ex.x_valid, spec, ("local", "container"), OUT / "work")
         multi[name] = reports[name] = ev.report
         print(ev.report.text_table(), flush=True)
+    cat: dict[str, Report] = {}
+    for name in [n for n in args.catboost.split(",") if n]:
+        if name not in CATBOOST:
+            p.error(f"--catboost {name!r}: choose from {', '.join(CATBOOST)}")
+        ex = train_catboost(small=args.small)
+        spec = ModelSpec(name=name, gate=BENCH)
+        ev = evaluate(ex.source, ex.x_valid, spec, ("local", "container"), OUT / "work")
+        cat[name] = reports[name] = ev.report
+        print(ev.report.text_table(), flush=True)
+    cat_table = beside_table(cat) if cat else []
+    if cat_table:
+        print("\n".join(["== CatBoost beside its own predictor ==", *cat_table]))
     table = multiclass_table(multi) if multi else []
     if table:
         print("\n".join(["== multiclass beside the source library ==", *table]))
@@ -183,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         + (
             "\n## multiclass beside the source library\n\n" + "\n".join(table) + "\n"
             if table
+            else ""
+        )
+        + (
+            "\n## CatBoost beside its own predictor\n\n" + "\n".join(cat_table) + "\n"
+            if cat_table
             else ""
         )
     )
