@@ -1,12 +1,14 @@
 """``python -m demo``: the main job, end to end on real market data.
 
-After ``make build-engines`` (which trains ``eurusd_lgbm`` on the first 70 %
-of backtesting's EURUSD hourly bars through ``setsuna dataset`` features):
+After ``make build-engines`` (which trains ``eurusd_lgbm``, a binary P(up)
+model, and ``eurusd_direction``, a down/flat/up model with ``decide_direction``
+over it, on the first 70 % of backtesting's EURUSD hourly bars through
+``setsuna dataset`` features):
 
 1. writes the dataset (features + forward-return labels) to show the
    training rows, and a decision model ``decide_eurusd`` (router with the
    engine in process and the signal thresholds) over ``eurusd_lgbm``;
-2. starts the local ``tritonserver`` with those two models;
+2. starts the local ``tritonserver`` with those models;
 3. replays the unseen 30 % tails of EURUSD, S&P 500, NASDAQ and GOOG as four
    symbols through the pipeline (features -> Triton -> policy -> audit),
    with a progress bar (tqdm; whole lines when standard error is a log);
@@ -14,7 +16,10 @@ of backtesting's EURUSD hourly bars through ``setsuna dataset`` features):
    and spread: ``COSTS``) against buy & hold, re-sends every audited input
    to the recorded model version (``audit verify``), stops the server,
    prints the summary and writes the report with pictures and the audit
-   database under ``--out``.
+   database under ``--out``;
+5. does 3-4 again through ``decide_direction`` (the 3-class model: the
+   audit stores each decision's whole probability vector), beside the
+   binary run, into ``report_direction/`` and ``audit_direction.db``.
 
 Exit status 1 if the run stopped early or a prediction did not reproduce.
 """
@@ -26,6 +31,7 @@ import sys
 from pathlib import Path
 
 from build_engines.examples import market
+from ensembles.__main__ import DIRECTION_DECIDE, DIRECTION_MODEL
 from setsuna import audit
 from setsuna.backtest import BacktestSettings
 from setsuna.client import Client
@@ -85,9 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         for s in tail["symbol"].unique()
     ]
     feed = ReplayFeed.from_frame(pd.concat(parts, ignore_index=True))
-    db = out / "audit.db"
-    db.unlink(missing_ok=True)
-    models = (market.NAME, DECIDE)
+    db, db_direction = out / "audit.db", out / "audit_direction.db"
+    for stale in (db, db_direction):
+        stale.unlink(missing_ok=True)
+    direction = (DIRECTION_MODEL, DIRECTION_DECIDE)
+    has_direction = all((repo / m).is_dir() for m in direction)
+    if not has_direction:
+        print(f"{DIRECTION_DECIDE} is missing from {repo}: the 3-class replay is skipped "
+              "(make build-engines builds it)")  # fmt: skip
+    models = (market.NAME, DECIDE, *(direction if has_direction else ()))
     with LocalTriton.on_free_ports(repo, load_models=models, log_path=out / "triton.log") as server:
         print(f"tritonserver ready at grpc://{server.grpc_url} ({', '.join(models)})")
         print(f"replaying the unseen tails of {', '.join(feed.symbols)} ({len(feed)} bars)")
@@ -107,14 +119,43 @@ def main(argv: list[str] | None = None) -> int:
                 backtest=COSTS,
             )
             check = audit.verify(db, client)
-    print("server stopped\n")
-    print(summary_text(result))
-    print(
-        f"audit verify: {check.reproduced}/{check.checked} predictions reproduced, "
-        f"{len(check.mismatches)} did not"
-    )
-    print(f"report {write_report(result, out / 'report')}")
-    return 0 if check.ok and result.summary.stopped is None else 1
+            runs = [("binary: P(up) over eurusd_lgbm", result, check, "report")]
+            if has_direction:
+                print(f"replaying the same tails through {DIRECTION_DECIDE} (down/flat/up)")
+                second = replay(
+                    client,
+                    DIRECTION_DECIDE,
+                    ReplayFeed.from_frame(pd.concat(parts, ignore_index=True)),
+                    spec=market.spec(),
+                    repository=repo,
+                    audit_path=db_direction,
+                    policy="served",
+                    policy_settings=PolicySettings(max_open_positions=len(feed.symbols)),
+                    warmup_bars=warm,
+                    horizon_bars=market.HORIZON_BARS,
+                    progress=progress_bar(),
+                    backtest=COSTS,
+                )
+                runs.append(
+                    (
+                        f"3 classes: down/flat/up over {DIRECTION_MODEL}",
+                        second,
+                        audit.verify(db_direction, client),
+                        "report_direction",
+                    )
+                )
+    print("server stopped")
+    ok = True
+    for title, run, verified, folder in runs:
+        print(f"\n== {title} ==")
+        print(summary_text(run))
+        print(
+            f"audit verify: {verified.reproduced}/{verified.checked} predictions reproduced, "
+            f"{len(verified.mismatches)} did not"
+        )
+        print(f"report {write_report(run, out / folder)}")
+        ok = ok and verified.ok and run.summary.stopped is None
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
