@@ -22,6 +22,7 @@ burst of ticks) is applied in order, one pass per repeat.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -249,6 +250,47 @@ class ThresholdPolicy(_StancePolicy):
         h = self.hysteresis
         long_ = np.where(current == 1, p >= self.buy_at - h, p >= self.buy_at)
         short = np.where(current == -1, p <= self.sell_at + h, p <= self.sell_at)
+        return (long_.astype(np.int8) - short.astype(np.int8)).astype(np.int8)
+
+
+class ReturnThresholdPolicy(_StancePolicy):
+    """Stance from a forward-return regressor's ``score`` (the predicted return, a fraction:
+    0.0005 is 5 bps) with hysteresis in the same units; ``decide`` applies the same
+    levels without hysteresis (``ensembles.signal.ReturnThresholds``). A non-finite
+    prediction compares false both ways: flat, never a trade."""
+
+    needs: tuple[str, ...] = ("score",)
+
+    def __init__(
+        self,
+        n_symbols: int,
+        *,
+        buy_above_return: float = 0.0005,
+        sell_below_return: float = -0.0005,
+        hysteresis_return: float = 0.0001,
+        settings: PolicySettings | None = None,
+    ) -> None:
+        b, s, h = buy_above_return, sell_below_return, hysteresis_return
+        if not all(math.isfinite(v) for v in (b, s, h)) or not -1 < s < b < 1:
+            raise ConfigError(
+                f"sell_below_return={s}, buy_above_return={b}: need -1 < sell < buy < 1 "
+                "(returns as fractions: 0.0005 is 5 bps)"
+            )
+        if not 0 <= h < (b - s) / 2:
+            raise ConfigError(
+                f"hysteresis_return={h}: give 0 <= h < (buy_above_return - "
+                "sell_below_return) / 2 so the exit levels do not cross"
+            )
+        super().__init__(n_symbols, settings or PolicySettings())
+        self.buy_above_return, self.sell_below_return, self.hysteresis_return = b, s, h
+
+    def wanted(self, outputs: Mapping[str, np.ndarray[Any, Any]], ids: I64, current: I8) -> I8:
+        r = np.asarray(outputs["score"], dtype=np.float64).reshape(-1)
+        h = self.hysteresis_return
+        long_ = np.where(current == 1, r >= self.buy_above_return - h, r >= self.buy_above_return)
+        short = np.where(
+            current == -1, r <= self.sell_below_return + h, r <= self.sell_below_return
+        )
         return (long_.astype(np.int8) - short.astype(np.int8)).astype(np.int8)
 
 

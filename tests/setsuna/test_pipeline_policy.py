@@ -7,12 +7,19 @@ import pytest
 
 from setsuna.errors import ConfigError
 from setsuna.pipeline import PipelineSettings
-from setsuna.policy import PolicySettings, ServedSignalPolicy, ThresholdPolicy
+from setsuna.policy import (
+    PolicySettings,
+    ReturnThresholdPolicy,
+    ServedSignalPolicy,
+    ThresholdPolicy,
+)
 
 MS = 1_000_000
 
 
-def _run(policy: ThresholdPolicy, scores: list[float], step_ms: int = 1) -> list[int]:
+def _run(
+    policy: ThresholdPolicy | ReturnThresholdPolicy, scores: list[float], step_ms: int = 1
+) -> list[int]:
     out = []
     for t, p in enumerate(scores):
         s = policy.decide(
@@ -77,3 +84,16 @@ def test_settings_are_validated_once() -> None:
     with pytest.raises(ConfigError, match="max_consecutive_failed_requests=0"):
         PipelineSettings("m", max_consecutive_failed_requests=0)
     assert PipelineSettings("m").max_consecutive_failed_requests == 50
+
+
+def test_a_return_regressors_policy_trades_on_levels_in_return_units() -> None:
+    pol = ReturnThresholdPolicy(
+        1, buy_above_return=0.0005, sell_below_return=-0.0005, hysteresis_return=0.0002
+    )
+    # long at +5 bps, held down to +3 bps, flat below it; short mirrors; NaN never trades
+    path = [0.0004, 0.0005, 0.00035, 0.00025, -0.0005, float("nan")]
+    assert _run(pol, path) == [0, 1, 0, -1, -1, 1]
+    with pytest.raises(ConfigError, match=r"0\.0005 is 5 bps"):
+        ReturnThresholdPolicy(1, buy_above_return=-0.001, sell_below_return=0.001)
+    with pytest.raises(ConfigError, match="exit levels do not cross"):
+        ReturnThresholdPolicy(1, hysteresis_return=0.0006)
