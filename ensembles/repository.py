@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -205,17 +206,31 @@ def write_router(
 
 def write_signal(
     repo: Path,
-    thresholds: dict[int, signal.Thresholds],
+    thresholds: Mapping[int, signal.AnyThresholds],
     *,
     name: str = "signal",
     serving: Serving = Serving(),
+    classes: Sequence[str] = (),
 ) -> Path:
-    """The signal model with one version folder per thresholds entry."""
+    """The signal model with one version folder per thresholds entry.
+
+    ``classes``: the down/flat/up labels in the column order of the scores it
+    will read (``score`` [3]); every version then takes the direction rule. A
+    version with return thresholds reads a regressor's predicted return.
+    """
     if not thresholds:
         raise ConfigError("write_signal: give thresholds for at least one version")
+    for v, t in thresholds.items():
+        task = "regression" if isinstance(t, signal.ReturnThresholds) else ""
+        signal.check_pairing(t, tuple(classes), f"write_signal {name} version {v}", task)
+    if classes:
+        signal.direction_columns(tuple(classes), f"write_signal {name}")
     cfg = mc.ModelConfig(name=name, backend="python")
     serving.apply(cfg)
-    cfg.input.append(mc.ModelInput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[1]))
+    width = len(classes) if classes else 1
+    cfg.input.append(mc.ModelInput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[width]))
+    if classes:
+        cfg.parameters["class_labels"].string_value = json.dumps(list(classes))
     cfg.output.append(mc.ModelOutput(name=SIGNAL, data_type=mc.TYPE_INT8, dims=[1]))
     cfg.output.append(mc.ModelOutput(name=CONFIDENCE, data_type=mc.TYPE_FP32, dims=[1]))
     cfg.output.append(mc.ModelOutput(name=DECIDED_BY, data_type=mc.TYPE_STRING, dims=[1]))
