@@ -12,7 +12,7 @@ REPO ?= model_repository
 BUILD_FLAGS ?=
 PERF_FLAGS ?=
 
-.PHONY: install build-engines serve stop demo test lint perf perf-setup perf-peers reliability up down compose-check clean
+.PHONY: install build-engines serve stop demo test lint perf perf-setup perf-peers reliability up down compose-check k8s-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +116,12 @@ down:
 compose-check:
 	SETSUNA_ADMIN_TOKEN=$${SETSUNA_ADMIN_TOKEN:-compose-check-token} \
 		docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
+
+## Render deploy/k8s with kubectl kustomize, schema-check it for Kubernetes 1.30 and check
+## Triton's args against ServerSettings (no cluster needed).
+k8s-check: $(STAMP)
+	$(PY) -m setsuna.k8s --check
+	$(PY) -m pytest -q tests/deploy/test_k8s.py
 
 clean:
 	rm -rf $(REPO)/local $(REPO)/container .cache/build
