@@ -52,6 +52,20 @@ class TritonPythonModel:
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self._shed_metric = self._shed_family.Metric(labels={"model": self.manifest.model})
+        # Triton 2.51 counts an error *response* as a success (nv_inference_request_success;
+        # only a raising execute() is a failure): these are what alerts can see instead.
+        self._failure_family = pb_utils.MetricFamily(
+            name="setsuna_request_failures_total",
+            description="Requests answered with an error by the engine wrapper, by reason: "
+            "engine (it raised or answered non-finite scores) or refused (bad input)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self._failures = {
+            reason: self._failure_family.Metric(
+                labels={"model": self.manifest.model, "reason": reason}
+            )
+            for reason in ("engine", "refused")
+        }
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Requests whose caller's deadline this batch cannot meet are answered at
@@ -85,6 +99,8 @@ class TritonPythonModel:
         bad = self._non_finite_requests(x, arrays)
         for i in bad:
             responses[i] = self._refusal(arrays[i])
+        if bad:
+            self._failures["refused"].increment(len(bad))
         keep = [i for i in range(len(requests)) if i not in bad]
         if not keep:
             return responses
@@ -103,6 +119,7 @@ class TritonPythonModel:
             err = pb_utils.TritonError(f"{self.manifest.model}: engine failed: {exc}")
             for i in keep:
                 responses[i] = pb_utils.InferenceResponse(error=err)
+            self._failures["engine"].increment(len(keep))
             return responses
         start = 0
         for i, part in zip(keep, parts, strict=True):

@@ -335,6 +335,9 @@ class ServerSettings:
             "--allow-metrics=true",
             f"--metrics-address={self.bind_address}",
             f"--metrics-port={self.metrics_port}",
+            # Latency quantiles (p50 ... p99.9 per model): 2.51's latency counters alone give
+            # averages; the alert rules and the dashboard read these (deploy/prometheus).
+            "--metrics-config=summary_latencies=true",
             f"--grpc-restricted-protocol={restricted}",
         ]
         if max_input_size_flag and self.http:

@@ -32,7 +32,7 @@ import tritonclient.grpc as grpcclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from setsuna.server import LocalTriton, ServerSettings, free_ports
+from setsuna.server import LocalTriton, free_ports
 from tests.helpers import metrics_text, python_model, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +42,7 @@ ALERT_TESTS = Path(__file__).with_name("alerts_test.yml")
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "setsuna.json"
 
-#: What the server is started with here (and what docs/architecture.md
-#: recommends for ServerSettings): Triton 2.51's latency summaries.
+#: Triton 2.51's latency summaries, which ServerSettings passes (local, compose, k8s).
 SUMMARIES = "--metrics-config=summary_latencies=true"
 
 #: A model whose execute() raises: Triton counts nv_inference_request_failure
@@ -212,20 +211,9 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
     python_model(repo, "faulty", RAISING_PY)
     python_model(repo, "cached", config=CACHED_CONFIG)
     python_model(repo, "spare")
-    server = LocalTriton.on_free_ports(repo)
-    plain = ServerSettings.flags
-
-    def with_summaries(self: ServerSettings, **kwargs: Any) -> list[str]:
-        return [*plain(self, **kwargs), SUMMARIES]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ServerSettings, "flags", with_summaries)
-        server.start()
-    try:
-        assert SUMMARIES in server.command
+    with LocalTriton.on_free_ports(repo) as server:
+        assert SUMMARIES in server.command  # ServerSettings passes it: the rules read them
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass

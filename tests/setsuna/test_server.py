@@ -301,6 +301,7 @@ def test_settings_defaults_and_flags(repo: Path) -> None:
         "--allow-metrics=true",
         "--metrics-address=127.0.0.1",
         "--metrics-port=8002",
+        "--metrics-config=summary_latencies=true",
         "--grpc-restricted-protocol=model-repository,logging,trace,shared-memory"
         ":admin-key=${SETSUNA_ADMIN_TOKEN}",
         "--cache-config=local,size=268435456",
@@ -324,6 +325,7 @@ def test_settings_defaults_and_flags(repo: Path) -> None:
         "--allow-metrics=true",
         "--metrics-address=127.0.0.1",
         "--metrics-port=8002",
+        "--metrics-config=summary_latencies=true",
         "--grpc-restricted-protocol=model-repository,logging,trace,shared-memory"
         ":admin-key=${SETSUNA_ADMIN_TOKEN}",
         "--http-max-input-size=67108864",

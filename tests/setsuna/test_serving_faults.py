@@ -385,3 +385,23 @@ def test_a_nan_request_fails_alone_among_concurrent_good_ones(server: Fixture) -
                 np.testing.assert_allclose(
                     fut.result(timeout=30).as_numpy("score")[:, 0], expected, atol=1e-6
                 )
+
+
+def test_refused_requests_are_counted_where_triton_counts_a_success(server: Fixture) -> None:
+    """Triton 2.51 counts an error response as nv_inference_request_success; the wrapper's
+    own counter is what an alert can see (deploy/prometheus/alerts.yml)."""
+    from tests.helpers import metric_series, wait_until
+
+    srv, _ = server
+    name, labels = "setsuna_request_failures_total", {"model": "logit", "reason": "refused"}
+    before = sum(metric_series(srv.metrics_url, name, **labels))
+    bad = np.zeros((2, 5), np.float32)
+    bad[1, 2] = np.nan
+    for _ in range(3):
+        with pytest.raises(InferenceServerException, match="allow_nan"):
+            _grpc_infer(srv, "logit", bad)
+    wait_until(
+        "three refusals counted",
+        lambda: sum(metric_series(srv.metrics_url, name, **labels)) >= before + 3,
+    )
+    assert sum(metric_series(srv.metrics_url, name, model="logit", reason="engine")) == 0
