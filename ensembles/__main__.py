@@ -16,6 +16,11 @@ same task) it writes:
   (:class:`ensembles.signal.ClassThresholds`, :data:`DIRECTION_THRESHOLDS`),
   answering ``score`` [3] (down, flat, up), ``signal`` and ``confidence``.
 
+``--target container`` writes the same models with the shadow logs and the
+outcomes DB under ``--state-dir`` (default ``/var/lib/setsuna``, a writable
+volume in deploy/container), for a repository mounted read-only at
+``/models``; it refuses engines on Triton's own backends (``fil``).
+
 The example selector chooses between two sources of one task because the
 examples publish one engine per source; it is built for variants of one
 source (fp32 ONNX, INT8, compiled trees), and the tests use it that way.
@@ -33,7 +38,7 @@ from pathlib import Path
 
 from ensembles import lifecycle, signal
 from ensembles import repository as rep
-from setsuna import manifest
+from setsuna import manifest, runtime
 from setsuna.contract import ExperimentDoc, Target
 from setsuna.errors import ConfigError, SetsunaError
 
@@ -58,6 +63,10 @@ DIRECTION_MODEL = "eurusd_direction"
 DIRECTION_DECIDE = "decide_direction"
 #: BUY when p_up beats both others by 0.05 and is at least 0.40 (SELL mirrors it).
 DIRECTION_THRESHOLDS = signal.ClassThresholds(margin=0.05, min_prob=0.40)
+#: Where the container target keeps its run-time state (shadow logs, outcomes DB):
+#: a writable volume (docker-compose.yml's ``setsuna-state``), because ``/models``
+#: is mounted read-only there. deploy/container/Dockerfile creates it.
+CONTAINER_STATE_DIR = Path("/var/lib/setsuna")
 
 
 def shadow_log(repo: Path, router: str) -> Path:
@@ -78,12 +87,28 @@ def _prior(repo: Path, model: str) -> float:
     return float(share) if isinstance(share, int | float) else 0.99
 
 
-def write_examples(repo: Path) -> list[Path]:
+def write_examples(repo: Path, *, state_dir: Path | None = None) -> list[Path]:
+    """Write the example ensembles over ``repo``'s engines.
+
+    ``state_dir``: absolute folder for the shadow logs and the outcomes DB (the
+    container target's :data:`CONTAINER_STATE_DIR`); by default they are
+    relative to the model folders, as the local target has them.
+    """
+    if state_dir is not None and not state_dir.is_absolute():
+        raise ConfigError(f"state_dir {state_dir}: give an absolute path")
+
+    def log(router: str) -> Path:
+        if state_dir is None:
+            return shadow_log(repo, router)
+        return state_dir / "shadow" / f"{router}.jsonl"
+
     missing = [m for m in (*ARMS, SHADOW) if not (repo / m / "1" / "manifest.json").is_file()]
     if missing:
         raise ConfigError(
             f"{repo} lacks the example engines {missing}: run `make build-engines` first"
         )
+    if state_dir is not None:
+        _require_setsuna_engines(repo, (*ARMS, SHADOW))
     n = manifest.read(repo / ARMS[0] / "1").schema.row_shape[0]
     experiment = ExperimentDoc.single(
         "trees-ab",
@@ -111,9 +136,7 @@ def write_examples(repo: Path) -> list[Path]:
             (files / f"{name}.json").write_text(json.dumps(doc, indent=2))
         one = rep.Serving(instances=1)
         out.append(
-            rep.write_router(
-                repo, files / "exp.json", n, serving=one, shadow_log=shadow_log(repo, "router")
-            )
+            rep.write_router(repo, files / "exp.json", n, serving=one, shadow_log=log("router"))
         )
         out.append(rep.write_signal(repo, {1: signal.Thresholds()}, serving=one))
         out.append(rep.write_decision(repo, n))
@@ -126,7 +149,7 @@ def write_examples(repo: Path) -> list[Path]:
                 in_process=True,
                 thresholds=signal.Thresholds(),
                 serving=DECIDE_SERVING,
-                shadow_log=shadow_log(repo, "decide"),
+                shadow_log=log("decide"),
             )
         )
         out.append(
@@ -139,13 +162,33 @@ def write_examples(repo: Path) -> list[Path]:
             )
         )
         outcomes = Path("..") / "feedback" / "outcomes.db"  # beside the feedback model
+        if state_dir is not None:
+            outcomes = state_dir / "feedback" / "outcomes.db"
         out.append(
             rep.write_selector(repo, files / "selector.json", n, outcomes_db=outcomes, serving=one)
         )
-        out.append(rep.write_feedback(repo, Path("outcomes.db")))
+        out.append(rep.write_feedback(repo, Path("outcomes.db") if state_dir is None else outcomes))
         if (repo / DIRECTION_MODEL / "1" / "manifest.json").is_file():
             out.append(write_direction_decide(repo, files))
     return out
+
+
+def _require_setsuna_engines(repo: Path, models: tuple[str, ...]) -> None:
+    """The ensembles call engines by ``features``/``score`` and load them in process:
+    refuse a repository of Triton-native engines (``fil``: ``input__0``/``output__0``),
+    which ``build_engines --target container`` publishes."""
+    foreign = {
+        m: kind
+        for m in models
+        if (kind := manifest.read(repo / m / "1").engine) not in runtime.engine_kinds()
+    }
+    if foreign:
+        raise ConfigError(
+            f"{repo}: engines {foreign} are served by Triton's own backends, which the "
+            "ensembles cannot call; build the engines with setsuna's runtime inside the "
+            "image (`python -m build_engines --target local`, deploy/container/Dockerfile) "
+            "and write the container ensembles over that repository"
+        )
 
 
 def write_direction_decide(repo: Path, files: Path) -> Path:
@@ -172,10 +215,20 @@ def write_direction_decide(repo: Path, files: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ensembles", description=__doc__)
-    p.add_argument("--model-repository", type=Path, default=Path("model_repository/local"))
+    p.add_argument(
+        "--target",
+        choices=("local", "container"),
+        default="local",
+        help="container: shadow logs and outcomes DB under --state-dir (absolute), for a "
+        "repository mounted read-only at /models (deploy/container/)",
+    )
+    p.add_argument("--model-repository", type=Path, help="default: model_repository/<target>")
+    p.add_argument("--state-dir", type=Path, default=CONTAINER_STATE_DIR)
     args = p.parse_args(argv)
+    repo = args.model_repository or Path("model_repository") / args.target
+    state = args.state_dir if args.target == "container" else None
     try:
-        for folder in write_examples(args.model_repository):
+        for folder in write_examples(repo, state_dir=state):
             print(f"wrote {folder}")
     except SetsunaError as exc:
         print(f"error: {exc}", file=sys.stderr)

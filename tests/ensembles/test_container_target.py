@@ -1,0 +1,153 @@
+"""``python -m ensembles --target container`` and deploy/container/Dockerfile.
+
+The container ensembles are written over engines built by the real pipeline
+(setsuna's Python-backend layout, which the ensembles call by ``features`` /
+``score``), every ``config.pbtxt`` is parsed by Triton's schema, every model
+they name is in the repository, and their writable state is under the
+volume path. The Dockerfile's base image is compared with compose's. No image
+is built and no container is run here (no Docker engine).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ensembles.__main__ import CONTAINER_STATE_DIR, main
+from setsuna import model_config
+from setsuna.compose import IMAGE
+from setsuna.model_config import CONFIG_NAME
+from tests.helpers import build_logistic_models
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "deploy" / "container" / "Dockerfile"
+N = 5
+RNG = np.random.default_rng(16)
+W = {m: RNG.normal(size=N).astype(np.float32) for m in ("lightgbm", "xgboost", "mlp")}
+ENSEMBLES = {"router", "decide", "decision", "signal", "combiner", "selector", "feedback"}
+PATH_PARAMETERS = ("shadow_log", "outcomes_db")
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same engines twice: one repository per target, ensembles written over each."""
+    out = {}
+    x = RNG.normal(size=(200, N)).astype(np.float32)
+    for target in ("local", "container"):
+        root = tmp_path_factory.mktemp(target)
+        repo = build_logistic_models(root, W, x)
+        assert main(["--target", target, "--model-repository", str(repo)]) == 0
+        out[target] = repo
+    return out
+
+
+def _configs(repo: Path) -> dict[str, mc.ModelConfig]:
+    return {
+        p.parent.name: model_config.parse(p.read_text(), origin=str(p))
+        for p in sorted(repo.glob(f"*/{CONFIG_NAME}"))
+    }
+
+
+def test_every_container_config_parses_under_tritons_schema(repos: dict[str, Path]) -> None:
+    configs = _configs(repos["container"])
+    assert ENSEMBLES | set(W) <= set(configs)
+    for name, cfg in configs.items():
+        assert cfg.name == name
+        assert (repos["container"] / name / "1").is_dir(), name
+
+
+def test_container_state_is_under_the_volume_and_local_paths_are_unchanged(
+    repos: dict[str, Path],
+) -> None:
+    container, local = _configs(repos["container"]), _configs(repos["local"])
+    seen = set()
+    for name, cfg in container.items():
+        for key in PATH_PARAMETERS:
+            if key not in cfg.parameters:
+                continue
+            seen.add(name)
+            path = Path(cfg.parameters[key].string_value)
+            assert path.is_absolute() and path.is_relative_to(CONTAINER_STATE_DIR), (name, path)
+            # the local target keeps its paths relative to the model folder
+            assert not Path(local[name].parameters[key].string_value).is_absolute(), name
+    assert seen == {"router", "decide", "selector", "feedback"}
+    # the two feedback writers and the selector's reader share one database
+    dbs = {container[m].parameters["outcomes_db"].string_value for m in ("selector", "feedback")}
+    assert dbs == {str(CONTAINER_STATE_DIR / "feedback" / "outcomes.db")}
+    # everything but those paths is the same as the local target's
+    for name, cfg in container.items():
+        other = local[name]
+        for key in PATH_PARAMETERS:
+            for c in (cfg, other):
+                if key in c.parameters:
+                    del c.parameters[key]
+        assert cfg == other, name
+
+
+def _named_models(repo: Path, cfg: mc.ModelConfig) -> set[str]:
+    names = {step.model_name for step in cfg.ensemble_scheduling.step}
+    folder = repo / cfg.name
+    for file in ("experiment.json", "members.json", "selector.json"):
+        if (folder / file).is_file():
+            text = (folder / file).read_text()
+            names |= set(re.findall(r'"model":\s*"([a-z0-9_]+)"', text))
+    return names
+
+
+def test_container_ensembles_name_only_models_of_the_repository(repos: dict[str, Path]) -> None:
+    repo = repos["container"]
+    configs = _configs(repo)
+    called: set[str] = set()
+    for cfg in configs.values():
+        called |= _named_models(repo, cfg)
+    assert {"router", "signal", "lightgbm", "xgboost", "mlp"} <= called
+    for model in called:
+        assert model in configs, model
+    for engine in W:  # the engines they call are built there, with a manifest
+        assert json.loads((repo / engine / "1" / "manifest.json").read_text())["model"] == engine
+
+
+def _from_images(text: str) -> list[str]:
+    return re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+
+
+def test_dockerfile_pins_the_image_compose_runs_and_owns_the_state_dir() -> None:
+    text = DOCKERFILE.read_text()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    triton = compose["services"]["triton"]
+    assert _from_images(text) == [IMAGE] == [triton["image"]]
+    assert f"setsuna-state:{CONTAINER_STATE_DIR}" in triton["volumes"]
+    assert "setsuna-state" in compose["volumes"]
+    assert str(CONTAINER_STATE_DIR) in text and re.search(r"^USER\s+\S+", text, re.MULTILINE)
+    assert not re.search(r"^USER\s+(root|0)\b", text, re.MULTILINE)
+    assert not re.search(r"(?i)^(ENV|ARG)\s+\S*(TOKEN|SECRET|KEY|PASSWORD)", text, re.MULTILINE)
+    # the numpy pin the 2.51 stub needs, and no second server from nvidia-pytriton
+    code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert any('"numpy>=1.24,<2"' in line for line in code)
+    assert not any("pytriton" in line for line in code)  # the image is the server
+
+
+def test_container_target_refuses_tritons_native_engines(
+    repos: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``build_engines --target container`` publishes ``fil`` trees (``input__0``/
+    ``output__0``), which the ensembles cannot call: refused, nothing written."""
+    import shutil
+
+    repo = tmp_path / "container"
+    shutil.copytree(repos["container"], repo)
+    for model in ENSEMBLES:
+        shutil.rmtree(repo / model)
+    m = repo / "xgboost" / "1" / "manifest.json"
+    doc = json.loads(m.read_text())
+    doc["engine"] = "fil"
+    m.write_text(json.dumps(doc))
+    assert main(["--target", "container", "--model-repository", str(repo)]) == 2
+    assert "'xgboost': 'fil'" in capsys.readouterr().err
+    assert not (repo / "router").exists()
