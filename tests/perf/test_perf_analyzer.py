@@ -288,14 +288,23 @@ def test_real_run_counts_a_slow_request_that_percentiles_hide(
     identity: tuple[LocalTriton, Path], tmp_path: Path
 ) -> None:
     server, _ = identity
-    rows = np.random.default_rng(20).standard_normal((3000, 4)).astype(np.float32)
-    rows[1000, 0] = SLOW_MAGIC  # one request in 3,000 sleeps 550 ms
+    rows = np.random.default_rng(20).standard_normal((20_000, 4)).astype(np.float32)
+    rows[1000, 0] = SLOW_MAGIC  # one request in 20,000 sleeps 550 ms
     data = pa.write_input_json(rows, tmp_path / "rows.json", input_name="features")
-    # A window longer than the slow request: at c=1 a 200 ms window that the 550 ms
+    # Windows longer than the slow request: at c=1 a 200 ms window that the 550 ms
     # request spans records no request at all, and perf_analyzer gives up ("No valid
-    # requests recorded within time interval"; failed 1 run in 4).
+    # requests recorded within time interval": 1 run in 4). And the slow row comes
+    # round once per 20,000 requests, so after its window perf_analyzer finds three
+    # stable ones in a row (with 3,000 rows it recurred every 2-3 windows, and a busy
+    # host failed "to obtain stable measurement within 10 measurement windows").
     spec = pa.RunSpec(
-        "identity", server.grpc_url, "grpc", input_data=data, window_ms=1000, timeout_s=60
+        "identity",
+        server.grpc_url,
+        "grpc",
+        input_data=data,
+        window_ms=1000,
+        max_trials=20,
+        timeout_s=120,
     )
     export = tmp_path / "export.json"
     result = pa.run(pa.locate(), spec, export_path=export)
