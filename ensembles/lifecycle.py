@@ -1154,7 +1154,7 @@ def _retargeted(text: str, name: str, version: int, f: WatchedFile) -> str | Non
     nothing changes, or when the file names ``version`` already (retargeting would
     list it twice: the file keeps what it names, and promote says so)."""
     doc = json.loads(text)
-    found = set(_targets_in(doc, name))
+    found = {v for m, v in _all_targets(doc) if m == name}
     if not found - {version} or version in found:
         return None
 
@@ -1196,20 +1196,9 @@ def _references(repo: Path, name: str) -> dict[int, list[str]]:
                 doc = json.loads(f.read_text())
             except (OSError, ValueError):
                 continue
-            for v in _targets_in(doc, name):
+            for v in {v for m, v in _all_targets(doc) if m == name}:
                 out.setdefault(v, []).append(f"{folder.name}/{f.name}")
     return out
-
-
-def _targets_in(doc: Any, name: str) -> Iterator[int]:
-    if isinstance(doc, dict):
-        if doc.get("model") == name and isinstance(doc.get("version"), int):
-            yield int(doc["version"])
-        for v in doc.values():
-            yield from _targets_in(v, name)
-    elif isinstance(doc, list):
-        for v in doc:
-            yield from _targets_in(v, name)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -1251,15 +1240,9 @@ def _message(exc: BaseException) -> str:
 
 def admin_headers() -> dict[str, str]:
     """gRPC metadata with ``$SETSUNA_ADMIN_TOKEN``; refused clearly when it is unset."""
-    from setsuna.server import ADMIN_HEADER, ADMIN_TOKEN_ENV, GRPC_HEADER_PREFIX
+    from setsuna.models import env_admin_headers
 
-    token = os.environ.get(ADMIN_TOKEN_ENV)
-    if not token:
-        raise ServerError(
-            f"the lifecycle changes what the server serves: set {ADMIN_TOKEN_ENV} to the "
-            "server's admin token"
-        )
-    return {GRPC_HEADER_PREFIX + ADMIN_HEADER: token}
+    return env_admin_headers("the lifecycle changes what the server serves")
 
 
 # ---------------------------------------------------------------------- CLI

@@ -249,16 +249,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         q.set_defaults(handler=_main)
 
 
-def _main(args: argparse.Namespace) -> int:
+def env_admin_headers(why: str) -> dict[str, str]:
+    """gRPC metadata carrying ``$SETSUNA_ADMIN_TOKEN``; ServerError saying ``why`` it is
+    needed when it is unset (every ``setsuna models`` verb calls this first)."""
     from setsuna.server import ADMIN_HEADER, ADMIN_TOKEN_ENV, GRPC_HEADER_PREFIX
 
     token = os.environ.get(ADMIN_TOKEN_ENV)
     if not token:
-        raise ServerError(
-            f"the repository index is an admin API: set {ADMIN_TOKEN_ENV} to the server's token"
-        )
+        raise ServerError(f"{why}: set {ADMIN_TOKEN_ENV} to the server's admin token")
+    return {GRPC_HEADER_PREFIX + ADMIN_HEADER: token}
+
+
+def _main(args: argparse.Namespace) -> int:
+    headers = env_admin_headers("the repository index is an admin API")
     pid = args.server_pid or server_pid_of(args.model_repository)
-    models = status(args.url, {GRPC_HEADER_PREFIX + ADMIN_HEADER: token}, server_pid=pid)
+    models = status(args.url, headers, server_pid=pid)
     if args.action == "status":
         models = [m for m in models if m.name == args.name]
         if not models:
