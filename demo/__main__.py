@@ -39,7 +39,7 @@ from setsuna.contract import EXPERIMENT_FILE, ExperimentDoc, Target
 from setsuna.dataset import build_dataset
 from setsuna.market import ReplayFeed
 from setsuna.policy import PolicySettings
-from setsuna.replay import progress_bar, replay, summary_text, write_report
+from setsuna.replay import ReplayResult, progress_bar, replay, summary_text, write_report
 from setsuna.server import LocalTriton
 
 DECIDE = "decide_eurusd"
@@ -104,31 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tritonserver ready at grpc://{server.grpc_url} ({', '.join(models)})")
         print(f"replaying the unseen tails of {', '.join(feed.symbols)} ({len(feed)} bars)")
         with Client(server.grpc_url) as client:
-            result = replay(
-                client,
-                DECIDE,
-                feed,
-                spec=market.spec(),
-                repository=repo,
-                audit_path=db,
-                policy="served",
-                policy_settings=PolicySettings(max_open_positions=len(feed.symbols)),
-                warmup_bars=warm,
-                horizon_bars=market.HORIZON_BARS,
-                progress=progress_bar(),
-                backtest=COSTS,
-            )
-            check = audit.verify(db, client)
-            runs = [("binary: P(up) over eurusd_lgbm", result, check, "report")]
-            if has_direction:
-                print(f"replaying the same tails through {DIRECTION_DECIDE} (down/flat/up)")
-                second = replay(
+
+            def replay_through(model: str, audit_path: Path) -> ReplayResult:
+                return replay(
                     client,
-                    DIRECTION_DECIDE,
+                    model,
                     ReplayFeed.from_frame(pd.concat(parts, ignore_index=True)),
                     spec=market.spec(),
                     repository=repo,
-                    audit_path=db_direction,
+                    audit_path=audit_path,
                     policy="served",
                     policy_settings=PolicySettings(max_open_positions=len(feed.symbols)),
                     warmup_bars=warm,
@@ -136,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
                     progress=progress_bar(),
                     backtest=COSTS,
                 )
-                runs.append(
-                    (
-                        f"3 classes: down/flat/up over {DIRECTION_MODEL}",
-                        second,
-                        audit.verify(db_direction, client),
-                        "report_direction",
-                    )
-                )
+
+            result = replay_through(DECIDE, db)
+            runs = [("binary: P(up) over eurusd_lgbm", result, audit.verify(db, client), "report")]
+            if has_direction:
+                print(f"replaying the same tails through {DIRECTION_DECIDE} (down/flat/up)")
+                second = replay_through(DIRECTION_DECIDE, db_direction)
+                verified = audit.verify(db_direction, client)
+                title = f"3 classes: down/flat/up over {DIRECTION_MODEL}"
+                runs.append((title, second, verified, "report_direction"))
     print("server stopped")
     ok = True
     for title, run, verified, folder in runs:

@@ -107,13 +107,10 @@ def split(*, direction: bool = False) -> Split:
     return Split(feature_matrix(train, s), labels(train), feature_matrix(valid, s), labels(valid))
 
 
-def train_direction(split: Split, *, small: bool = False, seed: int = 7) -> lightgbm.Booster:
-    """A small LightGBM ``multiclass`` (down/flat/up), tuned like :func:`train_lightgbm`."""
-    import lightgbm as lgb
-
-    params: dict[str, Any] = {
-        "objective": "multiclass",
-        "num_class": len(DIRECTION_CLASSES),
+def _params(objective: dict[str, Any], *, small: bool, seed: int) -> dict[str, Any]:
+    """The examples' LightGBM settings: returns are mostly noise, so few shallow trees."""
+    return {
+        **objective,
         "num_leaves": 7 if small else 15,
         "learning_rate": 0.03,
         "min_data_in_leaf": 50,
@@ -127,7 +124,15 @@ def train_direction(split: Split, *, small: bool = False, seed: int = 7) -> ligh
         "num_threads": TRAIN_THREADS,
         "verbose": -1,
     }
+
+
+def train_direction(split: Split, *, small: bool = False, seed: int = 7) -> lightgbm.Booster:
+    """A small LightGBM ``multiclass`` (down/flat/up), tuned like :func:`train_lightgbm`."""
+    import lightgbm as lgb
+
+    objective = {"objective": "multiclass", "num_class": len(DIRECTION_CLASSES)}
     train = lgb.Dataset(split.x_train, label=split.y_train.astype(np.float32))
+    params = _params(objective, small=small, seed=seed)
     return lgb.train(params, train, num_boost_round=40 if small else 100)
 
 
@@ -135,22 +140,8 @@ def train_lightgbm(split: Split, *, small: bool = False, seed: int = 7) -> light
     """A small binary LightGBM: returns are mostly noise, so few shallow trees."""
     import lightgbm as lgb
 
-    params: dict[str, Any] = {
-        "objective": "binary",
-        "num_leaves": 7 if small else 15,
-        "learning_rate": 0.03,
-        "min_data_in_leaf": 50,
-        "feature_fraction": 0.8,
-        "bagging_fraction": 0.8,
-        "bagging_freq": 1,
-        "lambda_l2": 1.0,
-        "seed": seed,
-        "deterministic": True,
-        "force_row_wise": True,
-        "num_threads": TRAIN_THREADS,
-        "verbose": -1,
-    }
     train = lgb.Dataset(split.x_train, label=split.y_train.astype(np.float32))
+    params = _params({"objective": "binary"}, small=small, seed=seed)
     return lgb.train(params, train, num_boost_round=40 if small else 150)
 
 
