@@ -428,3 +428,32 @@ def test_a_step_killed_midway_is_on_record_and_rolls_back(served: Served) -> Non
     rolled = served.life().rollback()  # the lock died with its holder
     assert rolled.undoes == last.id
     assert {m: f.read_text() for m, f in files.items()} == before
+
+
+def test_a_file_no_instance_is_seen_taking_is_put_back_and_recorded_failed(
+    served: Served,
+) -> None:
+    """When the step cannot see every instance take the new file (here: a metrics
+    endpoint that never answers), the old files are written back and the step is
+    recorded as failed, with the files it tried."""
+    files = {m: served.repo / m / EXPERIMENT_FILE for m in ("router", "decide")}
+    before = {m: f.read_text() for m, f in files.items()}
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)
+    try:
+        life = lifecycle.Lifecycle(
+            served.repo,
+            served.server.grpc_url,
+            served.server.grpc_admin_headers,
+            metrics_url=f"http://127.0.0.1:{mute.getsockname()[1]}/metrics",
+            audit_db=served.root / "audit.db",
+        )
+        with pytest.raises(DeploymentError, match="old files are back on disk"):
+            life.canary("alpha", 20)
+    finally:
+        mute.close()
+    assert {m: f.read_text() for m, f in files.items()} == before
+    last = deployments.history(served.root / "audit.db")[-1]
+    assert (last.action, last.outcome) == ("canary", "failed")
+    assert set(last.experiments) == {"router", "decide"}
