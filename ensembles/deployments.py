@@ -16,6 +16,11 @@ killed midway is still on record, with the files it was replacing.
 ``experiments`` holds each changed experiment file before and after, which
 is what :func:`last_undoable` hands a rollback. Each write is one
 transaction (WAL, ``synchronous=FULL``): a row is written whole or not at all.
+
+The records live in a SQLite file or, given a ``postgresql://`` URL, in
+PostgreSQL (:mod:`ensembles.statedb`), where operators on several hosts share
+them; there every write is committed with ``synchronous_commit=on``, so a
+``started`` row is on the server's disk before the step touches a file.
 """
 
 from __future__ import annotations
@@ -24,20 +29,18 @@ import getpass
 import json
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from ensembles import statedb
 from setsuna.errors import AuditError
 
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS deployments (
-    id INTEGER PRIMARY KEY,
-    t_ns INTEGER NOT NULL,
+_COLUMNS: Final = """
+    t_ns BIGINT NOT NULL,
     who TEXT NOT NULL,
     action TEXT NOT NULL,
     model TEXT NOT NULL,
@@ -47,10 +50,18 @@ CREATE TABLE IF NOT EXISTS deployments (
     detail TEXT NOT NULL,
     figures TEXT NOT NULL,
     experiments TEXT NOT NULL,
-    undoes INTEGER
+    undoes BIGINT
 );
 CREATE INDEX IF NOT EXISTS deployments_model ON deployments (model, t_ns);
 """
+#: The same table in both: only the key differs (SQLite's rowid alias, PostgreSQL's sequence).
+SCHEMA: Final = {
+    "sqlite": "CREATE TABLE IF NOT EXISTS deployments (\n    id INTEGER PRIMARY KEY," + _COLUMNS,
+    "postgresql": "CREATE TABLE IF NOT EXISTS deployments (\n    id BIGSERIAL PRIMARY KEY,"
+    + _COLUMNS,
+}
+#: Where the records live: a SQLite path or a ``postgresql://`` URL (:func:`statedb.target`).
+Where = Path | str | statedb.Target
 ACTIONS: Final = ("publish", "shadow", "compare", "canary", "promote", "rollback")
 #: ``started``: written before a step touches anything, replaced by the step's outcome
 #: when it ends; one left behind is a step whose process died midway (``kill -9``).
@@ -101,22 +112,24 @@ class Step:
 
 
 @contextmanager
-def _connect(path: Path) -> Iterator[sqlite3.Connection]:
+def _connect(where: Where) -> Iterator[statedb.Connection]:
+    with statedb.connect(
+        where, what="deployment records", schema=SCHEMA, error=AuditError, durable=True,
+        application_name="setsuna lifecycle",
+    ) as db:  # fmt: skip
+        yield db
+
+
+def target(where: Where) -> statedb.Target:
+    """``where`` validated (a bad or password-carrying URL: :class:`AuditError`)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(path, timeout=10.0, isolation_level=None)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.executescript(_SCHEMA)
-            yield db
-    except sqlite3.Error as exc:
-        raise AuditError(f"deployment records {path}: {exc}") from exc
-    except OSError as exc:
-        raise AuditError(f"deployment records {path}: {exc.strerror or exc}") from exc
+        return statedb.target(where)
+    except statedb.StateError as exc:
+        raise AuditError(f"deployment records: {exc}") from None
 
 
 def record(
-    path: Path,
+    path: Where,
     *,
     action: str,
     model: str,
@@ -149,9 +162,10 @@ def record(
         undoes,
     )
     with _connect(path) as db:
-        cur = db.execute(
+        ((new_id,),) = db.execute(
             "INSERT INTO deployments (t_ns, who, action, model, from_version, to_version, "
-            "outcome, detail, figures, experiments, undoes) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "outcome, detail, figures, experiments, undoes) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+            "RETURNING id",
             (
                 step.t_ns,
                 step.who,
@@ -166,13 +180,11 @@ def record(
                 undoes,
             ),
         )
-        new_id = cur.lastrowid
-    assert new_id is not None
     return Step(**{**step.__dict__, "id": new_id})
 
 
 def finish(
-    path: Path,
+    path: Where,
     step_id: int,
     *,
     outcome: str,
@@ -187,9 +199,9 @@ def finish(
     if outcome not in OUTCOMES or outcome == "started":
         raise ValueError(f"outcome {outcome!r}: one of {OUTCOMES[1:]}")
     with _connect(path) as db:
-        db.execute(
+        rows = db.execute(
             "UPDATE deployments SET t_ns=?, outcome=?, detail=?, from_version=?, to_version=?, "
-            "figures=?, experiments=?, undoes=? WHERE id=?",
+            "figures=?, experiments=?, undoes=? WHERE id=? RETURNING *",
             (
                 time.time_ns(),
                 outcome,
@@ -202,37 +214,38 @@ def finish(
                 step_id,
             ),
         )
-        row = db.execute("SELECT * FROM deployments WHERE id = ?", (step_id,)).fetchone()
-    return _step(row)
+    if not rows:
+        raise AuditError(f"deployment records {path}: no step {step_id} to finish")
+    return _step(rows[0])
 
 
-def history(path: Path, model: str | None = None, limit: int = 100) -> list[Step]:
+def history(path: Where, model: str | None = None, limit: int = 100) -> list[Step]:
     """The newest ``limit`` steps (of ``model``), oldest first."""
-    if not path.exists():
+    if not target(path).exists():
         return []
     where, args = ("WHERE model = ?", (model,)) if model else ("", ())
     with _connect(path) as db:
         rows = db.execute(
             f"SELECT * FROM deployments {where} ORDER BY id DESC LIMIT ?", (*args, limit)
-        ).fetchall()
+        )
     return [_step(r) for r in reversed(rows)]
 
 
-def last_undoable(path: Path) -> Step | None:
+def last_undoable(path: Where) -> Step | None:
     """The newest ``done`` (or interrupted: ``started``) step that changed experiments
     and has not been rolled back.
 
     Rollbacks undo in stack order: a second rollback undoes the step before
     the first one's.
     """
-    if not path.exists():
+    if not target(path).exists():
         return None
     with _connect(path) as db:
         rows = db.execute(
             "SELECT * FROM deployments WHERE outcome IN ('done', 'started') "
             "AND experiments != '{}' "
             "ORDER BY id DESC"
-        ).fetchall()
+        )
     undone: set[int] = set()
     for row in rows:
         step = _step(row)
@@ -246,16 +259,16 @@ def last_undoable(path: Path) -> Step | None:
     return None
 
 
-def deployment_of(path: Path, model: str, version: int, event_ns: int) -> Step | None:
+def deployment_of(path: Where, model: str, version: int, event_ns: int) -> Step | None:
     """The step that put ``model:version`` in place before ``event_ns`` (a decision's time)."""
     with _connect(path) as db:
-        row = db.execute(
+        rows = db.execute(
             "SELECT * FROM deployments WHERE outcome = 'done' AND model = ? AND to_version = ? "
             "AND action IN ('canary', 'promote', 'rollback', 'publish') AND t_ns <= ? "
             "ORDER BY t_ns DESC LIMIT 1",
             (model, version, event_ns),
-        ).fetchone()
-    return None if row is None else _step(row)
+        )
+    return _step(rows[0]) if rows else None
 
 
 def _step(row: tuple[Any, ...]) -> Step:

@@ -50,7 +50,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -58,11 +58,12 @@ from typing import Any, Final
 import numpy as np
 from google.protobuf import text_format
 
-from ensembles import deployments, members, selection, shadowlog, signal
+from ensembles import deployments, members, selection, shadowlog, signal, statedb
 from ensembles.watch import file_digest
 from setsuna import manifest, model_config, publish, seal
 from setsuna.contract import ExperimentDoc, Target
 from setsuna.errors import (
+    AuditError,
     ConfigError,
     DeploymentConflictError,
     DeploymentError,
@@ -72,6 +73,8 @@ from setsuna.errors import (
 from setsuna.model_config import CONFIG_NAME
 
 CANARY_SUFFIX: Final = ".canary"
+#: The PostgreSQL advisory lock every step takes when the records are in PostgreSQL.
+RECORDS_LOCK: Final = "setsuna.lifecycle"
 
 
 def state_dir(repo: Path) -> Path:
@@ -161,7 +164,9 @@ class Lifecycle:
     repository index first, so without it every step is refused.
     ``metrics_url`` is the server's Prometheus endpoint, where the instances
     report the file they serve. ``audit_db``: the deployment records (default
-    ``<repo's parent>/.<repo name>.state/deployments.db``: :func:`state_dir`).
+    ``<repo's parent>/.<repo name>.state/deployments.db``: :func:`state_dir`), a
+    SQLite path or a ``postgresql://`` URL shared by operators on several hosts
+    (:mod:`ensembles.statedb`; checked here, once).
     """
 
     def __init__(
@@ -171,13 +176,14 @@ class Lifecycle:
         headers: Mapping[str, str],
         *,
         metrics_url: str,
-        audit_db: Path | None = None,
+        audit_db: Path | str | None = None,
         who: str | None = None,
         settings: LifecycleSettings | None = None,
     ) -> None:
         self.repo = repo.resolve()
         self.url, self.headers, self.metrics_url = url, dict(headers), metrics_url
-        self.audit_db = audit_db or state_dir(self.repo) / "deployments.db"
+        self.audit_db: Path | str = audit_db or state_dir(self.repo) / "deployments.db"
+        self._records = deployments.target(self.audit_db)  # a bad URL fails here, once
         self.who = who or deployments.operator()
         self.settings = settings or LifecycleSettings()
         self._grpc: Any = None
@@ -646,7 +652,7 @@ class Lifecycle:
         undone; versions it names that were unloaded are loaded back first."""
         self._index()
         with self._lock("rollback", "*"):
-            step = deployments.last_undoable(self.audit_db)
+            step = deployments.last_undoable(self._records)
             if step is None:
                 return self._refuse(
                     "rollback", "*", DeploymentError(f"nothing to roll back in {self.audit_db}")
@@ -800,7 +806,7 @@ class Lifecycle:
             return
         action, name = self._step
         self._intent = deployments.record(
-            self.audit_db,
+            self._records,
             action=action,
             model=name,
             outcome="started",
@@ -980,13 +986,34 @@ class Lifecycle:
                     "to finish, then look at `setsuna models history` before trying again"
                 ) from None
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+            holder = f"{action} {name} by {self.who} since {stamp} UTC"
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{action} {name} by {self.who} since {stamp} UTC\n".encode(), 0)
-            self._step, self._intent = (action, name), None
-            yield
+            os.pwrite(fd, f"{holder}\n".encode(), 0)
+            with self._records_lock(holder):
+                self._step, self._intent = (action, name), None
+                yield
         finally:
             self._intent = None
             os.close(fd)
+
+    @contextmanager
+    def _records_lock(self, holder: str) -> Iterator[None]:
+        """With PostgreSQL records, also PostgreSQL's advisory lock: operators on other hosts
+        (other state folders, other flocks) share those records and their rollback stack."""
+        held = ExitStack()
+        try:
+            if self._records.is_postgres:
+                held.enter_context(statedb.advisory_lock(self._records, RECORDS_LOCK, holder))
+        except statedb.LockHeldError as exc:
+            raise DeploymentConflictError(
+                f"another lifecycle step is running against the deployment records "
+                f"{self._records}: {exc.holder}; wait for it to finish, then look at "
+                "`setsuna models history` before trying again"
+            ) from None
+        except statedb.StateError as exc:
+            raise AuditError(str(exc)) from None
+        with held:
+            yield
 
     def _record(
         self,
@@ -1012,11 +1039,11 @@ class Lifecycle:
             "undoes": undoes,
         }
         if self._intent is not None:
-            step = deployments.finish(self.audit_db, self._intent, **fields)
+            step = deployments.finish(self._records, self._intent, **fields)
             self._intent = None
         else:
             step = deployments.record(
-                self.audit_db, action=action, model=name, who=self.who, **fields
+                self._records, action=action, model=name, who=self.who, **fields
             )
         if raise_as is not None:
             raise raise_as(f"{detail} (recorded as step {step.id})")
@@ -1280,7 +1307,12 @@ def register_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         q.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC address")
         q.add_argument("--metrics-url", default=DEFAULT_METRICS_URL)
         q.add_argument("--model-repository", type=Path, default=Path("model_repository/local"))
-        q.add_argument("--audit-db", type=Path, default=None, help="deployment records (SQLite)")
+        q.add_argument(
+            "--audit-db",
+            default=None,
+            help="deployment records: a SQLite path or a postgresql://user@host/db URL "
+            "(no password in it: PGPASSWORD, PGPASSFILE or ~/.pgpass)",
+        )
         q.add_argument("--json", action="store_true")
         q.set_defaults(handler=_main)
 
@@ -1295,7 +1327,7 @@ def _main(args: argparse.Namespace) -> int:
     )
     if args.action == "history":
         life.check_token()  # every verb, reading included, answers to the server's token
-        steps = deployments.history(life.audit_db, args.name)
+        steps = deployments.history(life._records, args.name)
         if args.json:
             print(json.dumps([s.to_json() for s in steps], indent=2))
         for s in [] if args.json else steps:

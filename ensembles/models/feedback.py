@@ -8,18 +8,21 @@ transaction per batch (array counting, no Python per row beyond grouping by
 model); the selector reads them. Outputs per row: ``accuracy`` and
 ``outcomes`` (the running totals of that row's model).
 
-Config parameters: ``outcomes_db`` (required), ``threshold`` (default 0.5).
+Config parameters: ``outcomes_db`` (required: a SQLite path, relative to the model
+folder or absolute, or a ``postgresql://`` URL shared by replicas; see
+:mod:`ensembles.statedb`), ``threshold`` (default 0.5).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ensembles import outcomes as outcome_store
 from ensembles.models import common
-from ensembles.outcomes import Outcomes
 from setsuna.errors import ConfigError, InputError
 
 
@@ -29,7 +32,9 @@ class TritonPythonModel:
         params = common.model_parameters(args)
         if not params.get("outcomes_db"):
             raise ConfigError(f"{self.name}: config parameter 'outcomes_db' is required")
-        self.outcomes = Outcomes(common.config_path(args, params["outcomes_db"]))
+        self.outcomes = outcome_store.from_config(
+            Path(args["model_repository"]), params["outcomes_db"], self.name
+        )
         self.threshold = float(params.get("threshold", "0.5"))
 
     def execute(self, requests: list[Any]) -> list[Any]:

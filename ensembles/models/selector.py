@@ -4,14 +4,16 @@ Each execute sends the whole batch to the serving variant (one BLS call) and
 times it; a probe thread sends the last row seen to every other variant each
 ``probe_interval_ms`` and times that, so every variant's latency under the
 current load stays known; the probe's answer is dropped and no caller waits
-for it. Accuracy comes from
-the selector file's priors blended with the outcomes the ``feedback`` model
-records (SQLite, re-read every ``refresh_s``). :func:`ensembles.selection.choose`
-applies the budget with hysteresis. A variant that errors fails its requests
+for it. Accuracy comes from the selector file's priors blended with the
+outcomes the ``feedback`` model records (SQLite or PostgreSQL:
+:mod:`ensembles.statedb`; re-read every ``refresh_s``; a read that fails
+keeps the last figures, logged). :func:`ensembles.selection.choose` applies the
+budget with hysteresis. A variant that errors fails its requests
 (never a default) and is left at once.
 
 Outputs per row: ``score`` and ``model`` (``name:version`` that produced it).
-Config parameters: ``selector_file`` (required), ``outcomes_db`` (optional),
+Config parameters: ``selector_file`` (required), ``outcomes_db`` (optional: path or
+``postgresql://`` URL, as ``feedback``'s),
 ``refresh_s`` (default 1), ``allow_nan`` (default false), ``bls_timeout_ms``,
 ``watch_interval_ms``, ``max_overdue_calls`` (:mod:`ensembles.limits`; a
 variant that times out has failed). The selector file is watched like the
@@ -24,14 +26,15 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from ensembles import cycles, selection
+from ensembles import cycles, selection, statedb
+from ensembles import outcomes as outcome_store
 from ensembles.models import common
 from ensembles.models.base import WatchedFileModel
-from ensembles.outcomes import Outcomes
 from setsuna.contract import MODEL
 from setsuna.schema import OUTPUT_NAME
 
@@ -44,7 +47,9 @@ class TritonPythonModel(WatchedFileModel[selection.SelectorSpec]):
         self.setup(args, self._loads)
         self.calls = common.Downstream(self.name, self.limits)
         db = self.params.get("outcomes_db", "")
-        self.outcomes = Outcomes(common.config_path(args, db)) if db else None
+        self.outcomes = (
+            outcome_store.from_config(Path(args["model_repository"]), db, self.name) if db else None
+        )
         self.refresh_s = float(self.params.get("refresh_s", "1"))
         self.latency: list[selection.Latency] = []
         self._lock = threading.Lock()
@@ -123,7 +128,11 @@ class TritonPythonModel(WatchedFileModel[selection.SelectorSpec]):
         if self.outcomes is None or now - self._refreshed < self.refresh_s:
             return
         self._refreshed = now
-        totals = self.outcomes.totals()
+        try:
+            totals = self.outcomes.totals()
+        except statedb.StateError as exc:  # e.g. PostgreSQL restarting: keep the last figures
+            pb_utils.Logger.log_warn(f"{self.name}: outcomes not refreshed: {exc}")
+            return
         self.accuracy = [
             selection.accuracy(
                 v.prior_accuracy, self.spec.prior_weight, *totals.get(v.target.label, (0, 0))
