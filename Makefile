@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # These machines carry a CPU build of torch 2.13.0 on local disk; elsewhere
 # set TORCH_SPEC to the build you want (a bare "torch" pulls CUDA wheels).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= build,serve,torch,test,dev,perf,features,data
+EXTRAS ?= build,serve,torch,test,dev,perf,features,data,postgres
 STAMP := $(VENV)/.setsuna-installed
 REPO ?= model_repository
 BUILD_FLAGS ?=
