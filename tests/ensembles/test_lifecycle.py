@@ -112,8 +112,9 @@ def test_the_digest_a_model_publishes_survives_a_prometheus_double() -> None:
 # ---------------------------------------------------------------------- records
 
 
-def test_rollbacks_undo_in_stack_order(tmp_path: Path) -> None:
-    db = tmp_path / "d.db"
+def test_rollbacks_undo_in_stack_order(state_db: Path | str) -> None:
+    """On both backends (``state_db``: a SQLite path, then a PostgreSQL URL)."""
+    db = state_db
     assert deployments.last_undoable(db) is None
     exps = {"router": {"before": "a", "after": "b"}}
     one = deployments.record(
@@ -138,8 +139,8 @@ def test_rollbacks_undo_in_stack_order(tmp_path: Path) -> None:
         deployments.record(db, action="delete", model="m", outcome="done", detail="")
 
 
-def test_a_decision_joins_the_step_that_put_its_version_in_place(tmp_path: Path) -> None:
-    db = tmp_path / "d.db"
+def test_a_decision_joins_the_step_that_put_its_version_in_place(state_db: Path | str) -> None:
+    db = state_db
     pub = deployments.record(
         db, action="publish", model="m", outcome="done", detail="", to_version=2
     )
