@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,6 +50,13 @@ from setsuna.errors import (
     ServingError,
     ShapeError,
     UnavailableError,
+)
+from setsuna.replicas import (
+    ReplicaSet,
+    ReplicaSettings,
+    ReplicaStats,
+    fails_over,
+    replica_settings,
 )
 from setsuna.schema import INPUT_NAME
 from setsuna.transport import Protocol, transport
@@ -228,19 +236,84 @@ def translate(exc: BaseException, model: str) -> ServingError:
 class _Core:
     """What the sync and async clients share: settings, metadata cache, tensor building."""
 
-    def __init__(self, url: str, protocol: Protocol, settings: ClientSettings) -> None:
+    def __init__(
+        self,
+        url: str | Sequence[str] | ReplicaSettings,
+        protocol: Protocol,
+        settings: ClientSettings,
+    ) -> None:
         self.wire = transport(protocol)
-        if not url or "://" in url:
-            raise ConfigError(f"url={url!r}: give host:port without a scheme, e.g. 127.0.0.1:8001")
-        self.url = url
+        self.replica_settings = replica_settings(url)
+        if self.replica_settings.hedging and protocol != "grpc":
+            raise ConfigError(
+                f"hedge_quantile={self.replica_settings.hedge_quantile} with protocol="
+                f"{protocol!r}: hedging cancels the losing copy, which only tritonclient's "
+                "gRPC client can; use protocol='grpc' or hedge_quantile=0"
+            )
+        self.url = ",".join(self.replica_settings.endpoints)
         self.protocol: Protocol = protocol
         self.settings = settings
+        self.replicas = ReplicaSet(self.replica_settings, self.probe)
         self.models: dict[tuple[str, str], ModelInfo] = {}
         self._ids = itertools.count(1)
         self._prefix = f"{time.monotonic_ns():x}-"
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self.mod: Any = self.wire.module()
+
+    def probe(self, endpoint: str, models: tuple[str, ...]) -> bool:
+        """Is ``endpoint`` ready, with each of ``models``? Asked over a fresh connection.
+
+        A fresh one because the client's own channel to a replica that died may
+        sit in gRPC's reconnect backoff long after the replica came back.
+        """
+        timeout_s = self.replica_settings.probe_timeout_ms / 1e3
+        stub = self.wire.stub(endpoint, connect_timeout_s=timeout_s, network_timeout_s=timeout_s)
+        bound = self.wire.call_timeout(timeout_s)
+        try:
+            return bool(stub.is_server_ready(**bound)) and all(
+                stub.is_model_ready(m, **bound) for m in models
+            )
+        except Exception:  # unreachable or refusing: not ready
+            return False
+        finally:
+            stub.close()
+
+    def after_failure(
+        self,
+        err: ServingError,
+        cause: BaseException,
+        model: str,
+        tried: list[int],
+        attempt: int,
+        budget_ms: float,
+        start: float,
+    ) -> float | None:
+        """After a failed send: None to fail over now, or seconds to back off and retry.
+
+        Fails over to an untried healthy replica when the request did not run
+        (:func:`setsuna.replicas.fails_over`); otherwise the single-server
+        policy (:meth:`retry_wait_s`) decides, and raises what cannot be retried.
+        """
+        reps = self.replicas
+        if (
+            len(reps) > 1
+            and fails_over(err, len(reps))
+            and reps.pick(tried, healthy_only=True) is not None
+            and budget_ms / 1e3 > time.perf_counter() - start
+        ):
+            reps.count("failovers")
+            return None
+        wait_s = self.retry_wait_s(err, model, attempt, budget_ms, start, cause=cause)
+        reps.count("retries")
+        tried.clear()
+        return wait_s
+
+    def deadline_error(self, model: str, budget_ms: float) -> DeadlineError:
+        return DeadlineError(
+            f"{model}: no answer within the {budget_ms:g} ms deadline from any replica; "
+            "raise deadline_ms"
+        )
 
     def info_from(self, model: str, version: str, meta: Any, config: Any) -> ModelInfo:
         shapes, outputs, max_batch = self.wire.signature(meta, config)
@@ -299,7 +372,14 @@ class _Core:
         return left_s
 
     def retry_wait_s(
-        self, exc: Exception, model: str, attempt: int, budget_ms: float, start: float
+        self,
+        exc: BaseException,
+        model: str,
+        attempt: int,
+        budget_ms: float,
+        start: float,
+        *,
+        cause: BaseException | None = None,
     ) -> float:
         """How long to wait before retrying; raises the typed error when retrying is wrong.
 
@@ -311,7 +391,10 @@ class _Core:
         wait_s = self.settings.backoff_s(attempt)
         left_s = budget_ms / 1e3 - (time.perf_counter() - start)
         if not err.retryable or attempt >= self.settings.max_retries or wait_s >= left_s:
-            raise err from exc
+            origin = cause if cause is not None else exc
+            if origin is err:
+                raise err
+            raise err from origin
         return wait_s
 
     def build(
@@ -360,42 +443,77 @@ def _keys(key: Any, n: int) -> np.ndarray[Any, Any]:
 
 
 class Client:
-    """A Triton client for feature models.
+    """A Triton client for feature models, on one server or several replicas.
 
     >>> client = Client("127.0.0.1:8001")                      # doctest: +SKIP
     >>> p = client.infer("decide", rows, key=symbols)           # doctest: +SKIP
     >>> p["signal"], p.model, p.version, p.served_by            # doctest: +SKIP
+    >>> Client(["127.0.0.1:8001", "127.0.0.1:9001"])            # doctest: +SKIP
+    >>> Client(ReplicaSettings(("a:8001", "b:8001"), hedge_quantile=0.95))  # doctest: +SKIP
+
+    With several endpoints every call goes to one replica (fewest outstanding
+    calls), fails over to another when the request did not run, and may be
+    hedged: :mod:`setsuna.replicas`. :meth:`replica_stats` shows the counters.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str] | ReplicaSettings,
         protocol: Protocol = "grpc",
         settings: ClientSettings | None = None,
         *,
         models: Sequence[str] = (),
         pool: Pool | None = None,
     ) -> None:
-        """``models``: connect and read these models' metadata now (:meth:`warm_up`).
+        """``url``: ``host:port``, several of them, or :class:`ReplicaSettings`.
+
+        ``models``: connect and read these models' metadata now (:meth:`warm_up`).
 
         ``pool``: a model pool (:class:`setsuna.pool.ModelPool`) that every call
         leases its model from: a model the pool evicted is loaded on its first
         call, within that call's deadline (:class:`~setsuna.errors.ModelLoadingError`,
         retryable, when the load takes longer); a loaded one costs a dict lookup
-        and a counter. Give ``models`` only for models the pool holds.
+        and a counter. Give ``models`` only for models the pool holds. A pool
+        manages one server, so it takes one endpoint.
         """
         self._pool = pool
         self._core = _Core(url, protocol, settings or ClientSettings())
-        s = self._core.settings
-        self._stub: Any = self._core.wire.stub(
-            url, connect_timeout_s=s.connect_timeout_ms / 1e3, network_timeout_s=s.deadline_ms / 1e3
-        )
+        if pool is not None and len(self._core.replicas) > 1:
+            raise ConfigError(
+                f"pool= with {len(self._core.replicas)} endpoints: a model pool manages one "
+                "server; give one endpoint, or no pool"
+            )
+        self._stubs: list[Any] = [self._new_stub(e) for e in self._core.replicas.endpoints]
+        self._generations = [0] * len(self._stubs)
+        self._retired: list[Any] = []
+        self._stub_lock = threading.Lock()
         if models:
             try:
                 self.warm_up(*models)
             except BaseException:
                 self.close()
                 raise
+
+    def _new_stub(self, endpoint: str) -> Any:
+        s = self._core.settings
+        return self._core.wire.stub(
+            endpoint,
+            connect_timeout_s=s.connect_timeout_ms / 1e3,
+            network_timeout_s=s.deadline_ms / 1e3,
+        )
+
+    def _stub(self, i: int = 0) -> Any:
+        """Replica ``i``'s stub; a fresh one once the replica rejoined (see ReplicaSet)."""
+        generation = self._core.replicas.generation(i)
+        if self._generations[i] == generation:
+            return self._stubs[i]
+        with self._stub_lock:
+            if self._generations[i] != generation:
+                # Closed at close(): a call may still hold the old one.
+                self._retired.append(self._stubs[i])
+                self._stubs[i] = self._new_stub(self._core.replicas.endpoint(i))
+                self._generations[i] = generation
+            return self._stubs[i]
 
     def warm_up(self, *models: str) -> None:
         """Connect, and read each model's metadata and config into the cache, now.
@@ -404,34 +522,67 @@ class Client:
         client that includes opening the connection and the two metadata
         round trips (8 ms measured here), which a 5 ms budget cannot hold.
         Raises what a call would (unknown model: ModelNotFoundError; server
-        down: UnavailableError).
+        down: UnavailableError). With several replicas each one is connected;
+        one that does not answer is ejected (the prober brings it back), and
+        only none answering raises.
         """
-        if not models:
-            try:
-                self._stub.is_server_live()
-            except Exception as exc:  # translated at the boundary
-                raise translate(exc, "<server>") from exc
+        reps = self._core.replicas
+        if not models or len(reps) > 1:
+            errors: list[ServingError] = []
+            for i in range(len(reps)):
+                try:
+                    self._stub(i).is_server_live()
+                except Exception as exc:  # translated at the boundary
+                    err = translate(exc, f"<server {reps.endpoint(i)}>")
+                    reps.failed(i, err)
+                    errors.append(err)
+                    if len(errors) == len(reps):
+                        raise err from exc
         for model in models:
             self.model_info(model)
 
     @property
     def url(self) -> str:
+        """The endpoint, or the replicas' endpoints joined by commas."""
         return self._core.url
 
     @property
     def settings(self) -> ClientSettings:
         return self._core.settings
 
+    @property
+    def replica_settings(self) -> ReplicaSettings:
+        return self._core.replica_settings
+
+    def replica_stats(self) -> ReplicaStats:
+        """Calls per replica, failovers, retries, hedges sent and won, ejections, rejoins."""
+        return self._core.replicas.snapshot()
+
     def model_info(self, model: str, version: str = "") -> ModelInfo:
-        """The model's inputs and outputs, read once from Triton and cached."""
+        """The model's inputs and outputs, read once from Triton and cached.
+
+        With several replicas, read from the first that answers (they serve
+        the same repository).
+        """
         cached = self._core.models.get((model, version))
         if cached is not None:
             return cached
-        try:
-            meta = self._stub.get_model_metadata(model, version)
-            config = self._stub.get_model_config(model, version)
-        except Exception as exc:  # tritonclient raises its own exception type, or OS errors
-            raise translate(exc, model) from exc
+        reps = self._core.replicas
+        tried: list[int] = []
+        while True:
+            i = reps.pick(tried)
+            assert i is not None
+            tried.append(i)
+            stub = self._stub(i)
+            try:
+                meta = stub.get_model_metadata(model, version)
+                config = stub.get_model_config(model, version)
+                break
+            except Exception as exc:  # tritonclient raises its own exception type, or OS errors
+                err = translate(exc, model)
+                reps.failed(i, err)
+                if len(tried) >= len(reps) or not fails_over(err, len(reps)):
+                    raise err from exc
         info = self._core.info_from(model, version, meta, config)
         self._core.models[(model, version)] = info
         return info
@@ -473,46 +624,174 @@ class Client:
         outputs: Sequence[str] | None,
     ) -> Prediction:
         core = self._core
+        reps = core.replicas
         info = self.model_info(model, version)
         x = info.check(features)
         inputs, requested = core.build(info, x, key, outputs)
+        call = _Call(model, inputs, version, requested, core.request_id())
         wanted = [r.name() for r in requested]
-        request_id = core.request_id()
-        attempt = 0
+        attempt = sends = 0
+        tried: list[int] = []
         with core.admitted(model):
             while True:
                 left_s = core.time_left_s(model, budget_ms, start)
-                timeout = core.wire.call_timeout(left_s)
+                i = reps.pick(tried)
+                assert i is not None
+                sends += 1
                 try:
-                    result = self._stub.infer(
-                        model,
-                        inputs,
-                        model_version=version,
-                        outputs=requested,
-                        request_id=request_id,
-                        **timeout,
-                        **core.call_options(left_s),
+                    delay_s = reps.hedge_delay_s(model, left_s)
+                    if delay_s is None:
+                        result = self._send(i, tried, call, left_s)
+                    else:
+                        result = self._send_hedged(i, tried, call, left_s, delay_s, budget_ms)
+                    return core.prediction(result, wanted, call.request_id, sends)
+                except _Failed as failed:
+                    wait_s = core.after_failure(
+                        failed.err, failed.cause, model, tried, attempt, budget_ms, start
                     )
-                    return core.prediction(result, wanted, request_id, attempt + 1)
-                except Exception as exc:  # translated at this boundary
-                    wait_s = core.retry_wait_s(exc, model, attempt, budget_ms, start)
-                time.sleep(wait_s)
-                attempt += 1
+                if wait_s is not None:
+                    time.sleep(wait_s)
+                    attempt += 1
+
+    def _send(self, i: int, tried: list[int], call: _Call, left_s: float) -> Any:
+        """One request to replica ``i``, blocking: the answer, or _Failed with the typed error."""
+        core = self._core
+        reps = core.replicas
+        tried.append(i)
+        stub = self._stub(i)
+        reps.begin(i, call.model)
+        began = time.perf_counter()
+        try:
+            result = stub.infer(
+                call.model,
+                call.inputs,
+                model_version=call.version,
+                outputs=call.outputs,
+                request_id=call.request_id,
+                **core.wire.call_timeout(left_s),
+                **core.call_options(left_s),
+            )
+        except Exception as exc:  # translated at this boundary
+            err = translate(exc, call.model)
+            reps.failed(i, err)
+            raise _Failed(err, exc) from exc
+        finally:
+            reps.end(i)
+        reps.answered(call.model, (time.perf_counter() - began) * 1e3)
+        return result
+
+    def _send_hedged(
+        self,
+        i: int,
+        tried: list[int],
+        call: _Call,
+        left_s: float,
+        delay_s: float,
+        budget_ms: float,
+    ) -> Any:
+        """Send to ``i``; after ``delay_s`` without an answer, a copy to another replica.
+
+        tritonclient's gRPC ``async_infer`` answers on a callback and returns a
+        context whose ``cancel()`` cancels the RPC, so the losing copy is
+        cancelled, not left running. The first success wins; an error waits
+        for the other copy, if one was sent.
+        """
+        core = self._core
+        reps = core.replicas
+        answers: queue.SimpleQueue[tuple[int, Any, Any, float]] = queue.SimpleQueue()
+        contexts: dict[int, Any] = {}
+        sent_at: dict[int, float] = {}
+        ends_at = time.perf_counter() + left_s
+
+        def send(j: int) -> None:
+            left = ends_at - time.perf_counter()
+            tried.append(j)
+            reps.begin(j, call.model)
+            sent_at[j] = time.perf_counter()
+
+            def done(result: Any, error: Any, j: int = j) -> None:
+                reps.end(j)
+                answers.put((j, result, error, time.perf_counter()))
+
+            try:
+                contexts[j] = self._stub(j).async_infer(
+                    call.model,
+                    call.inputs,
+                    done,
+                    model_version=call.version,
+                    outputs=call.outputs,
+                    request_id=call.request_id,
+                    client_timeout=left,
+                    **core.call_options(left),
+                )
+            except Exception as exc:  # refused before sending: an answer like any other
+                done(None, exc)
+
+        send(i)
+        pending = {i}
+        hedge: int | None = None
+        hedge_at = sent_at[i] + delay_s
+        last: _Failed | None = None
+        try:
+            while pending:
+                now = time.perf_counter()
+                waiting_to_hedge = hedge is None and now < hedge_at
+                try:
+                    j, result, error, t = answers.get(
+                        timeout=max(0.0, (hedge_at if waiting_to_hedge else ends_at) - now)
+                    )
+                except queue.Empty:
+                    if not waiting_to_hedge:
+                        break  # the deadline passed
+                    h = reps.pick(tried, healthy_only=True)
+                    hedge = -1 if h is None else h
+                    if h is not None:
+                        reps.count("hedges_sent")
+                        send(h)
+                        pending.add(h)
+                    continue
+                pending.discard(j)
+                if error is None:
+                    if j == hedge:
+                        reps.count("hedges_won")
+                    reps.answered(call.model, (t - sent_at[j]) * 1e3)
+                    return result
+                err = translate(error, call.model)
+                reps.failed(j, err)
+                last = _Failed(err, error)
+                if hedge is None:  # failed before a copy went out: the caller fails over
+                    break
+        finally:
+            for k in pending:
+                ctx = contexts.get(k)
+                if ctx is not None:
+                    ctx.cancel()
+        if last is not None and not pending:
+            raise last
+        err = core.deadline_error(call.model, budget_ms)
+        raise _Failed(err, err)
 
     # -- readiness and statistics -----------------------------------------------------
 
     def server_ready(self) -> bool:
-        """True when the server answers and says it is ready; never raises."""
-        try:
-            return bool(self._stub.is_server_ready())
-        except Exception:  # not reachable is an answer here
-            return False
+        """True when the server (with several: any replica) answers ready; never raises."""
+        for i in range(len(self._stubs)):
+            try:
+                if self._stub(i).is_server_ready():
+                    return True
+            except Exception:  # not reachable is an answer here
+                continue
+        return False
 
     def model_ready(self, model: str, version: str = "") -> bool:
-        try:
-            return bool(self._stub.is_model_ready(model, version))
-        except Exception:  # not reachable is an answer here
-            return False
+        """True when the model is ready on the server (with several: on any replica)."""
+        for i in range(len(self._stubs)):
+            try:
+                if self._stub(i).is_model_ready(model, version):
+                    return True
+            except Exception:  # not reachable is an answer here
+                continue
+        return False
 
     def wait_ready(self, model: str | None = None, *, timeout_s: float = 30.0) -> None:
         """Block until the server (and ``model``) is ready, or raise UnavailableError."""
@@ -527,21 +806,66 @@ class Client:
             time.sleep(0.05)
 
     def statistics(self, model: str = "", version: str = "") -> dict[str, dict[str, int]]:
-        """Triton's cumulative per-model counters: counts and nanoseconds per stage."""
-        try:
-            raw = self._stub.get_inference_statistics(model, version, **self._core.wire.as_json)
-        except Exception as exc:  # translated at the boundary
-            raise translate(exc, model or "<server>") from exc
-        return parse_statistics(raw)
+        """Triton's cumulative per-model counters: counts and nanoseconds per stage.
+
+        With several replicas, the sum over those that answer (UnavailableError
+        when none does).
+        """
+        parts: list[dict[str, dict[str, int]]] = []
+        for i in range(len(self._stubs)):
+            try:
+                raw = self._stub(i).get_inference_statistics(
+                    model, version, **self._core.wire.as_json
+                )
+            except Exception as exc:  # translated at the boundary
+                if len(self._stubs) == 1 or (not parts and i == len(self._stubs) - 1):
+                    raise translate(exc, model or "<server>") from exc
+                continue
+            parts.append(parse_statistics(raw))
+        return _summed(parts)
 
     def close(self) -> None:
-        self._stub.close()
+        self._core.replicas.close()
+        for stub in (*self._stubs, *self._retired):
+            stub.close()
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every send of one call repeats: the request, built once."""
+
+    model: str
+    inputs: list[Any]
+    version: str
+    outputs: list[Any]
+    request_id: str
+
+
+class _Failed(Exception):
+    """Internal: one send failed with ``err`` (typed), caused by ``cause`` (foreign)."""
+
+    def __init__(self, err: ServingError, cause: BaseException) -> None:
+        super().__init__(str(err))
+        self.err, self.cause = err, cause
+
+
+def _summed(parts: Sequence[Mapping[str, Mapping[str, int]]]) -> dict[str, dict[str, int]]:
+    """Per-model counters added over replicas (one replica: unchanged)."""
+    if len(parts) == 1:
+        return {k: dict(v) for k, v in parts[0].items()}
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for name, row in part.items():
+            into = out.setdefault(name, {})
+            for k, v in row.items():
+                into[k] = into.get(k, 0) + v
+    return out
 
 
 def parse_statistics(raw: Mapping[str, Any]) -> dict[str, dict[str, int]]:
@@ -565,11 +889,15 @@ def parse_statistics(raw: Mapping[str, Any]) -> dict[str, dict[str, int]]:
 
 
 class AsyncClient:
-    """The ``asyncio`` twin of :class:`Client`: same settings, checks, errors and retries."""
+    """The ``asyncio`` twin of :class:`Client`: same settings, checks, errors and retries.
+
+    Several endpoints work as for :class:`Client`; a hedge is a second task,
+    and the loser's task is cancelled (grpc.aio cancels its RPC).
+    """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str] | ReplicaSettings,
         protocol: Protocol = "grpc",
         settings: ClientSettings | None = None,
         *,
@@ -578,8 +906,22 @@ class AsyncClient:
         """``models``: warmed up on ``async with`` (a constructor cannot await)."""
         self._core = _Core(url, protocol, settings or ClientSettings())
         self._warm = tuple(models)
+        self._stubs: list[Any] = [self._new_stub(e) for e in self._core.replicas.endpoints]
+        self._generations = [0] * len(self._stubs)
+        self._retired: list[Any] = []
+
+    def _new_stub(self, endpoint: str) -> Any:
         connect_s = self._core.settings.connect_timeout_ms / 1e3
-        self._stub: Any = self._core.wire.async_stub(url, connect_timeout_s=connect_s)
+        return self._core.wire.async_stub(endpoint, connect_timeout_s=connect_s)
+
+    def _stub(self, i: int = 0) -> Any:
+        """As :meth:`Client._stub` (one event loop: no lock)."""
+        generation = self._core.replicas.generation(i)
+        if self._generations[i] != generation:
+            self._retired.append(self._stubs[i])
+            self._stubs[i] = self._new_stub(self._core.replicas.endpoint(i))
+            self._generations[i] = generation
+        return self._stubs[i]
 
     @property
     def url(self) -> str:
@@ -589,25 +931,52 @@ class AsyncClient:
     def settings(self) -> ClientSettings:
         return self._core.settings
 
+    @property
+    def replica_settings(self) -> ReplicaSettings:
+        return self._core.replica_settings
+
+    def replica_stats(self) -> ReplicaStats:
+        """As :meth:`Client.replica_stats`."""
+        return self._core.replicas.snapshot()
+
     async def warm_up(self, *models: str) -> None:
         """As :meth:`Client.warm_up`."""
-        if not models:
-            try:
-                await self._stub.is_server_live()
-            except Exception as exc:  # translated at the boundary
-                raise translate(exc, "<server>") from exc
+        reps = self._core.replicas
+        if not models or len(reps) > 1:
+            errors = 0
+            for i in range(len(reps)):
+                try:
+                    await self._stub(i).is_server_live()
+                except Exception as exc:  # translated at the boundary
+                    err = translate(exc, f"<server {reps.endpoint(i)}>")
+                    reps.failed(i, err)
+                    errors += 1
+                    if errors == len(reps):
+                        raise err from exc
         for model in models:
             await self.model_info(model)
 
     async def model_info(self, model: str, version: str = "") -> ModelInfo:
+        """As :meth:`Client.model_info`."""
         cached = self._core.models.get((model, version))
         if cached is not None:
             return cached
-        try:
-            meta = await self._stub.get_model_metadata(model, version)
-            config = await self._stub.get_model_config(model, version)
-        except Exception as exc:  # translated at the boundary
-            raise translate(exc, model) from exc
+        reps = self._core.replicas
+        tried: list[int] = []
+        while True:
+            i = reps.pick(tried)
+            assert i is not None
+            tried.append(i)
+            stub = self._stub(i)
+            try:
+                meta = await stub.get_model_metadata(model, version)
+                config = await stub.get_model_config(model, version)
+                break
+            except Exception as exc:  # translated at the boundary
+                err = translate(exc, model)
+                reps.failed(i, err)
+                if len(tried) >= len(reps) or not fails_over(err, len(reps)):
+                    raise err from exc
         info = self._core.info_from(model, version, meta, config)
         self._core.models[(model, version)] = info
         return info
@@ -623,44 +992,151 @@ class AsyncClient:
         outputs: Sequence[str] | None = None,
     ) -> Prediction:
         core = self._core
+        reps = core.replicas
         budget_ms = core.budget_ms(deadline_ms)
         start = time.perf_counter()
         info = await self.model_info(model, version)
         x = info.check(features)
         inputs, requested = core.build(info, x, key, outputs)
+        call = _Call(model, inputs, version, requested, core.request_id())
         wanted = [r.name() for r in requested]
-        request_id = core.request_id()
-        attempt = 0
+        attempt = sends = 0
+        tried: list[int] = []
         with core.admitted(model):
             while True:
                 left_s = core.time_left_s(model, budget_ms, start)
+                i = reps.pick(tried)
+                assert i is not None
+                sends += 1
                 try:
-                    call = self._stub.infer(
-                        model,
-                        inputs,
-                        model_version=version,
-                        outputs=requested,
-                        request_id=request_id,
-                        **core.call_options(left_s),
+                    delay_s = reps.hedge_delay_s(model, left_s)
+                    if delay_s is None:
+                        result = await self._send(i, tried, call, left_s)
+                    else:
+                        result = await self._send_hedged(i, tried, call, left_s, delay_s, budget_ms)
+                    return core.prediction(result, wanted, call.request_id, sends)
+                except _Failed as failed:
+                    wait_s = core.after_failure(
+                        failed.err, failed.cause, model, tried, attempt, budget_ms, start
                     )
-                    result = await asyncio.wait_for(call, timeout=left_s)
-                    return core.prediction(result, wanted, request_id, attempt + 1)
-                except Exception as exc:  # translated at this boundary
-                    wait_s = core.retry_wait_s(exc, model, attempt, budget_ms, start)
-                await asyncio.sleep(wait_s)
-                attempt += 1
+                if wait_s is not None:
+                    await asyncio.sleep(wait_s)
+                    attempt += 1
+
+    def _request(self, j: int, call: _Call, left_s: float) -> Any:
+        """The awaitable of one request to replica ``j``, bounded by ``left_s``."""
+        coro = self._stub(j).infer(
+            call.model,
+            call.inputs,
+            model_version=call.version,
+            outputs=call.outputs,
+            request_id=call.request_id,
+            **self._core.call_options(left_s),
+        )
+        return asyncio.wait_for(coro, timeout=left_s)
+
+    async def _send(self, i: int, tried: list[int], call: _Call, left_s: float) -> Any:
+        reps = self._core.replicas
+        tried.append(i)
+        reps.begin(i, call.model)
+        began = time.perf_counter()
+        try:
+            result = await self._request(i, call, left_s)
+        except Exception as exc:  # translated at this boundary
+            err = translate(exc, call.model)
+            reps.failed(i, err)
+            raise _Failed(err, exc) from exc
+        finally:
+            reps.end(i)
+        reps.answered(call.model, (time.perf_counter() - began) * 1e3)
+        return result
+
+    async def _send_hedged(
+        self,
+        i: int,
+        tried: list[int],
+        call: _Call,
+        left_s: float,
+        delay_s: float,
+        budget_ms: float,
+    ) -> Any:
+        """As :meth:`Client._send_hedged`, with tasks: the loser's task is cancelled."""
+        core = self._core
+        reps = core.replicas
+        ends_at = time.perf_counter() + left_s
+        tasks: dict[asyncio.Future[Any], int] = {}
+        sent_at: dict[int, float] = {}
+
+        def send(j: int) -> None:
+            tried.append(j)
+            reps.begin(j, call.model)
+            sent_at[j] = time.perf_counter()
+            task = asyncio.ensure_future(self._request(j, call, ends_at - sent_at[j]))
+            task.add_done_callback(lambda _t, j=j: reps.end(j))
+            tasks[task] = j
+
+        send(i)
+        hedge: int | None = None
+        hedge_at = sent_at[i] + delay_s
+        last: _Failed | None = None
+        try:
+            while tasks:
+                now = time.perf_counter()
+                waiting_to_hedge = hedge is None and now < hedge_at
+                done, _ = await asyncio.wait(
+                    tasks,
+                    timeout=max(0.0, (hedge_at if waiting_to_hedge else ends_at) - now),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not done:
+                    if not waiting_to_hedge:
+                        break  # the deadline passed
+                    h = reps.pick(tried, healthy_only=True)
+                    hedge = -1 if h is None else h
+                    if h is not None:
+                        reps.count("hedges_sent")
+                        send(h)
+                    continue
+                for task in done:
+                    j = tasks.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        if j == hedge:
+                            reps.count("hedges_won")
+                        reps.answered(call.model, (time.perf_counter() - sent_at[j]) * 1e3)
+                        return task.result()
+                    err = translate(exc, call.model)
+                    reps.failed(j, err)
+                    last = _Failed(err, exc)
+                if hedge is None:  # failed before a copy went out: the caller fails over
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
+        if last is not None and not tasks:
+            raise last
+        err = core.deadline_error(call.model, budget_ms)
+        raise _Failed(err, err)
 
     async def server_ready(self) -> bool:
-        try:
-            return bool(await self._stub.is_server_ready())
-        except Exception:  # not reachable is an answer here
-            return False
+        """As :meth:`Client.server_ready`."""
+        for i in range(len(self._stubs)):
+            try:
+                if await self._stub(i).is_server_ready():
+                    return True
+            except Exception:  # not reachable is an answer here
+                continue
+        return False
 
     async def model_ready(self, model: str, version: str = "") -> bool:
-        try:
-            return bool(await self._stub.is_model_ready(model, version))
-        except Exception:  # not reachable is an answer here
-            return False
+        """As :meth:`Client.model_ready`."""
+        for i in range(len(self._stubs)):
+            try:
+                if await self._stub(i).is_model_ready(model, version):
+                    return True
+            except Exception:  # not reachable is an answer here
+                continue
+        return False
 
     async def wait_ready(self, model: str | None = None, *, timeout_s: float = 30.0) -> None:
         """As :meth:`Client.wait_ready`."""
@@ -676,16 +1152,23 @@ class AsyncClient:
 
     async def statistics(self, model: str = "", version: str = "") -> dict[str, dict[str, int]]:
         """As :meth:`Client.statistics`."""
-        try:
-            raw = await self._stub.get_inference_statistics(
-                model, version, **self._core.wire.as_json
-            )
-        except Exception as exc:  # translated at the boundary
-            raise translate(exc, model or "<server>") from exc
-        return parse_statistics(raw)
+        parts: list[dict[str, dict[str, int]]] = []
+        for i in range(len(self._stubs)):
+            try:
+                raw = await self._stub(i).get_inference_statistics(
+                    model, version, **self._core.wire.as_json
+                )
+            except Exception as exc:  # translated at the boundary
+                if len(self._stubs) == 1 or (not parts and i == len(self._stubs) - 1):
+                    raise translate(exc, model or "<server>") from exc
+                continue
+            parts.append(parse_statistics(raw))
+        return _summed(parts)
 
     async def close(self) -> None:
-        await self._stub.close()
+        self._core.replicas.close()
+        for stub in (*self._stubs, *self._retired):
+            await stub.close()
 
     async def __aenter__(self) -> AsyncClient:
         if self._warm:
