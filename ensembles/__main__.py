@@ -10,7 +10,8 @@ same task) it writes:
 - ``decide``: the same experiment, arms in process, the signal applied: one hop;
 - ``combiner``: the mean of lightgbm, xgboost and mlp, their engines in process;
 - ``selector`` over lightgbm:1 and xgboost:1 with a 2 ms p99 budget, and
-  ``feedback`` recording outcomes for it (SQLite beside the feedback model);
+  ``feedback`` recording outcomes for it (SQLite beside the feedback model, or
+  PostgreSQL shared by replicas with ``--outcomes-db postgresql://...``);
 - ``decide_direction`` when the 3-class example ``eurusd_direction`` is built:
   one arm (``eurusd_direction:1``) in process and the direction rule
   (:class:`ensembles.signal.ClassThresholds`, :data:`DIRECTION_THRESHOLDS`),
@@ -36,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ensembles import lifecycle, signal
+from ensembles import lifecycle, signal, statedb
 from ensembles import repository as rep
 from setsuna import manifest, runtime
 from setsuna.contract import ExperimentDoc, Target
@@ -87,15 +88,23 @@ def _prior(repo: Path, model: str) -> float:
     return float(share) if isinstance(share, int | float) else 0.99
 
 
-def write_examples(repo: Path, *, state_dir: Path | None = None) -> list[Path]:
+def write_examples(
+    repo: Path, *, state_dir: Path | None = None, outcomes_db: str | None = None
+) -> list[Path]:
     """Write the example ensembles over ``repo``'s engines.
 
     ``state_dir``: absolute folder for the shadow logs and the outcomes DB (the
     container target's :data:`CONTAINER_STATE_DIR`); by default they are
-    relative to the model folders, as the local target has them.
+    relative to the model folders, as the local target has them. ``outcomes_db``:
+    a ``postgresql://`` URL (no password) for the outcomes instead, shared by
+    replicas (:mod:`ensembles.statedb`).
     """
     if state_dir is not None and not state_dir.is_absolute():
         raise ConfigError(f"state_dir {state_dir}: give an absolute path")
+    if outcomes_db is not None:  # checked before any model is written
+        if not statedb.is_url(outcomes_db):
+            raise ConfigError(f"outcomes_db {outcomes_db!r}: give a postgresql:// URL")
+        rep.outcomes_parameter(outcomes_db)
 
     def log(router: str) -> Path:
         if state_dir is None:
@@ -164,10 +173,13 @@ def write_examples(repo: Path, *, state_dir: Path | None = None) -> list[Path]:
         outcomes = Path("..") / "feedback" / "outcomes.db"  # beside the feedback model
         if state_dir is not None:
             outcomes = state_dir / "feedback" / "outcomes.db"
+        shared: Path | str = outcomes if outcomes_db is None else outcomes_db
         out.append(
-            rep.write_selector(repo, files / "selector.json", n, outcomes_db=outcomes, serving=one)
+            rep.write_selector(repo, files / "selector.json", n, outcomes_db=shared, serving=one)
         )
-        out.append(rep.write_feedback(repo, Path("outcomes.db") if state_dir is None else outcomes))
+        if outcomes_db is None and state_dir is None:
+            shared = Path("outcomes.db")  # the same file, from the feedback model's folder
+        out.append(rep.write_feedback(repo, shared))
         if (repo / DIRECTION_MODEL / "1" / "manifest.json").is_file():
             out.append(write_direction_decide(repo, files))
     return out
@@ -224,11 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model-repository", type=Path, help="default: model_repository/<target>")
     p.add_argument("--state-dir", type=Path, default=CONTAINER_STATE_DIR)
+    p.add_argument(
+        "--outcomes-db",
+        default=None,
+        help="postgresql://[user@]host[:port]/dbname: the outcomes in PostgreSQL, shared by "
+        "every replica's selector and feedback (no password in it: libpq reads PGPASSWORD, "
+        "PGPASSFILE or ~/.pgpass); default: SQLite beside the feedback model",
+    )
     args = p.parse_args(argv)
     repo = args.model_repository or Path("model_repository") / args.target
     state = args.state_dir if args.target == "container" else None
     try:
-        for folder in write_examples(repo, state_dir=state):
+        for folder in write_examples(repo, state_dir=state, outcomes_db=args.outcomes_db):
             print(f"wrote {folder}")
     except SetsunaError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -29,7 +29,7 @@ from typing import Any, Final
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ensembles import cycles, experiment, members, selection, signal
+from ensembles import cycles, experiment, members, selection, signal, statedb
 from ensembles.limits import Limits
 from setsuna import model_config, seal
 from setsuna.contract import (
@@ -314,7 +314,7 @@ def write_selector(
     n_features: int,
     *,
     name: str = "selector",
-    outcomes_db: Path | None = None,
+    outcomes_db: Path | str | None = None,
     refresh_s: float = 1.0,
     serving: Serving = Serving(),
     limits: Limits | None = None,
@@ -322,6 +322,8 @@ def write_selector(
     """The selector over the family in ``selector_file`` (copied beside it).
 
     ``refresh_s``: how often it re-reads the outcomes database (0: every execute).
+    ``outcomes_db``: a SQLite path (relative to the model folder, or absolute) or a
+    ``postgresql://`` URL that replicas share (no password: :func:`outcomes_parameter`).
     """
     spec = selection.load(selector_file)
     cycles.check(repo, name, (("variant", v.target) for v in spec.variants), str(selector_file))
@@ -332,7 +334,7 @@ def write_selector(
     cfg.output.append(mc.ModelOutput(name=MODEL, data_type=mc.TYPE_STRING, dims=[1]))
     cfg.parameters["selector_file"].string_value = SELECTOR_FILE
     if outcomes_db is not None:
-        cfg.parameters["outcomes_db"].string_value = str(outcomes_db)
+        cfg.parameters["outcomes_db"].string_value = outcomes_parameter(outcomes_db)
     cfg.parameters["refresh_s"].string_value = repr(refresh_s)
     _limits(cfg, limits)
     folder = _write(repo, cfg, {1: "selector"})
@@ -340,15 +342,26 @@ def write_selector(
     return _sealed(folder)
 
 
+def outcomes_parameter(outcomes_db: Path | str) -> str:
+    """The ``outcomes_db`` parameter's value, checked before it is written into a config:
+    a URL's syntax, and no password in it (:func:`ensembles.statedb.target`)."""
+    try:
+        statedb.target(outcomes_db)
+    except statedb.StateError as exc:
+        raise ConfigError(f"outcomes_db: {exc}") from None
+    return str(outcomes_db)
+
+
 def write_feedback(
     repo: Path,
-    outcomes_db: Path,
+    outcomes_db: Path | str,
     *,
     name: str = "feedback",
     threshold: float = 0.5,
     serving: Serving = Serving(instances=1),
 ) -> Path:
-    """The feedback model writing realised outcomes to ``outcomes_db``."""
+    """The feedback model writing realised outcomes to ``outcomes_db`` (path or URL, as
+    :func:`write_selector`'s)."""
     cfg = mc.ModelConfig(name=name, backend="python")
     serving.apply(cfg)
     cfg.input.append(mc.ModelInput(name=MODEL, data_type=mc.TYPE_STRING, dims=[1]))
@@ -356,6 +369,6 @@ def write_feedback(
     cfg.input.append(mc.ModelInput(name="outcome", data_type=mc.TYPE_FP32, dims=[1]))
     cfg.output.append(mc.ModelOutput(name="accuracy", data_type=mc.TYPE_FP32, dims=[1]))
     cfg.output.append(mc.ModelOutput(name="outcomes", data_type=mc.TYPE_INT64, dims=[1]))
-    cfg.parameters["outcomes_db"].string_value = str(outcomes_db)
+    cfg.parameters["outcomes_db"].string_value = outcomes_parameter(outcomes_db)
     cfg.parameters["threshold"].string_value = repr(threshold)
     return _sealed(_write(repo, cfg, {1: "feedback"}))

@@ -225,3 +225,20 @@ def test_a_started_row_is_on_the_server_before_record_returns(postgres: Postgres
     assert (done.outcome, done.to_version, done.id) == ("done", 2, step.id)
     with pytest.raises(AuditError, match="no step 999"):
         deployments.finish(url, 999, outcome="done", detail="")
+
+
+def test_the_repository_writes_a_url_verbatim_and_never_one_with_a_password(
+    tmp_path: Path,
+) -> None:
+    from ensembles import repository as rep
+    from ensembles.__main__ import write_examples
+
+    url = "postgresql://setsuna@db.internal:5432/state?sslmode=require"
+    rep.write_feedback(tmp_path, url)
+    config = (tmp_path / "feedback" / "config.pbtxt").read_text()
+    assert url in config
+    with pytest.raises(ConfigError, match=r"outcomes_db: .*carries a password"):
+        rep.write_feedback(tmp_path, "postgresql://setsuna:pw@db.internal/state", name="fb2")
+    assert not (tmp_path / "fb2").exists()
+    with pytest.raises(ConfigError, match="give a postgresql:// URL"):
+        write_examples(tmp_path, outcomes_db="outcomes.db")
