@@ -74,6 +74,13 @@ perf-pool: $(STAMP)
 perf-lifecycle: $(STAMP)
 	$(PY) -m perf.lifecycle --model-repository $(REPO)/local
 
+## One SDK client over 1, 2 and 3 local replicas on the same 2 cores: balancing overhead,
+## kill -9 failover and rejoin, hedging against an artificially slow replica (~2 min, not CI).
+REPLICAS_FLAGS ?=
+.PHONY: perf-replicas
+perf-replicas: $(STAMP)
+	$(PY) -m perf.replicas $(REPLICAS_FLAGS)
+
 ## Hardening probes against a real local tritonserver (tiny models in a temp dir; ~1 min, not CI):
 ## prints probe | expected | observed | verdict, writes .cache/reliability/, exits 1 on a FAIL.
 reliability: $(STAMP)

@@ -25,8 +25,10 @@ from setsuna.schema import FeatureSchema
 F32 = npt.NDArray[np.float32]
 Task = Literal["classification", "regression"]
 SourceKind = Literal["lightgbm", "xgboost", "sklearn", "catboost", "torch", "onnx"]
-Target = Literal["local", "container"]
-TARGETS: tuple[Target, ...] = ("local", "container")
+Target = Literal["local", "container", "container-gpu"]
+#: ``container`` is the NGC image on CPUs only (KIND_CPU); ``container-gpu`` its GPU
+#: variant (KIND_GPU: TensorRT plans, ONNX Runtime's CUDA/TensorRT providers, FIL on GPU).
+TARGETS: tuple[Target, ...] = ("local", "container", "container-gpu")
 
 
 @dataclass(frozen=True)

@@ -75,10 +75,11 @@ def choose(
 ) -> Candidate | None:
     """The fastest passing candidate the target can serve, for the model's profile.
 
-    ``container`` prefers, in order, a GPU plan, then Triton's native tree
-    backend (FIL), then the fastest ONNX file: FIL and TensorRT cannot be
-    timed on a host without their backends, so that order is a rule, not a
-    measurement (the report says which figures were measured).
+    ``container`` (CPUs only) prefers Triton's native tree backend (FIL), then
+    the fastest ONNX file, and never a TensorRT plan (a GPU engine);
+    ``container-gpu`` prefers a plan, then FIL, then ONNX. FIL and TensorRT
+    cannot be timed on a host without their backends, so that order is a
+    rule, not a measurement (the report says which figures were measured).
     """
     ok = [c for c in candidates if figures[c.name].passed]
     if target == "local":
@@ -86,6 +87,9 @@ def choose(
     else:
         ok = [c for c in ok if c.container is not None]
         gpu = [c for c in ok if c.container is not None and c.container.gpu]
+        if target == "container":
+            ok = [c for c in ok if c not in gpu]
+            gpu = []
         fil = [c for c in ok if c.container is not None and c.container.backend == "fil"]
         ok = gpu or fil or ok
     if not ok:

@@ -18,10 +18,13 @@ Targets:
   ``SETSUNA_NATIVE=0``), is a Python-backend model whose ``model.py`` is a
   one-line import of :mod:`setsuna.backend`. Both verify the seal and the
   manifest at load and run the engine in-process.
-- ``container``: the NGC image's native backends, chosen by the candidate's
-  :class:`~build_engines.base.ContainerSpec` (``onnxruntime_onnx``,
-  ``tensorrt_plan`` on KIND_GPU, or the ``fil`` backend, whose tensors are
-  named ``input__0``/``output__0`` by that backend).
+- ``container``: the NGC image's native backends on CPUs (KIND_CPU), chosen
+  by the candidate's :class:`~build_engines.base.ContainerSpec`
+  (``onnxruntime_onnx`` or the ``fil`` backend, whose tensors are named
+  ``input__0``/``output__0`` by that backend).
+- ``container-gpu``: the same backends on the GPU (KIND_GPU): a
+  ``tensorrt_plan`` where one was built, FIL on the GPU, ONNX Runtime with
+  its CUDA provider and, for float graphs, its TensorRT provider.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def build_config(
                 out_dims = [width]
             else:
                 out_dims = [2] if c.parameters.get("predict_proba") == "true" else [1]
-        if c.gpu:
+        if c.gpu or target == "container-gpu":
             kind, count = mc.ModelInstanceGroup.KIND_GPU, s.gpu_instances
         for key, value in c.parameters.items():
             cfg.parameters[key].string_value = value
@@ -120,6 +123,8 @@ def build_config(
             threads = str(candidate.params.get("threads", 1))
             cfg.parameters["intra_op_thread_count"].string_value = threads
             cfg.parameters["inter_op_thread_count"].string_value = "1"
+            if target == "container-gpu":
+                _gpu_accelerator(cfg, candidate)
     if classes:
         cfg.parameters[CLASS_LABELS_PARAMETER].string_value = json.dumps(list(classes))
     cfg.input.append(mc.ModelInput(name=in_name, data_type=mc.TYPE_FP32, dims=list(row_shape)))
@@ -140,6 +145,27 @@ def build_config(
     warm.inputs[in_name].dims.extend(row_shape)
     warm.inputs[in_name].zero_data = True
     return cfg
+
+
+#: ONNX Runtime's TensorRT provider for float graphs on ``container-gpu``: FP32, so the
+#: engine computes what the gate judged (FP16 would be a new candidate, judged anew).
+TRT_ACCELERATOR_PARAMETERS = {"precision_mode": "FP32", "max_workspace_size_bytes": "1073741824"}
+
+
+def _gpu_accelerator(cfg: mc.ModelConfig, candidate: Candidate) -> None:
+    """ONNX on KIND_GPU runs on ORT's CUDA provider; float graphs also get its TensorRT one.
+
+    ORT hands TensorRT the subgraphs it supports and keeps the rest on CUDA
+    (or the CPU, for ``ai.onnx.ml`` tree operators, which neither GPU
+    provider implements). Quantised graphs (QDQ, the ``int8`` candidates)
+    stay on CUDA: TensorRT builds their Q/DQ nodes only in INT8 mode, a
+    precision the gate did not judge.
+    """
+    if "int8" in candidate.name:
+        return
+    accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    for key, value in TRT_ACCELERATOR_PARAMETERS.items():
+        accel.parameters[key] = value
 
 
 def write_model(

@@ -172,3 +172,80 @@ def test_batching_with_a_queue_policy_is_named_as_the_stall_cause(extra: str) ->
     assert "payload pre-fetching off" in hazard and "500 ms" in hazard
     plain = parse_config('name: "m"\nmax_batch_size: 8\ndynamic_batching { }\n')
     assert model_config.batching_hazards(plain) == []
+
+
+def test_the_gpu_variant_runs_every_engine_on_the_gpu_and_the_cpu_one_none(
+    tmp_path: Path,
+) -> None:
+    """container-gpu: KIND_GPU everywhere, ORT with its TensorRT provider; container: CPUs only."""
+    spec = ModelSpec("logit", gate=FAST, serving=ServingSpec(gpu_instances=2))
+    build_model(
+        logistic_source(W, 0.0),
+        X,
+        spec,
+        tmp_path / "repo",
+        ("local", "container", "container-gpu"),
+        tmp_path / "work",
+        converter=_converter(0.0),
+        echo=False,  # type: ignore[arg-type]
+    )
+    gpu = model_config.load(tmp_path / "repo" / "container-gpu" / "logit" / CONFIG_NAME)
+    cpu = model_config.load(tmp_path / "repo" / "container" / "logit" / CONFIG_NAME)
+    assert gpu.platform == cpu.platform == "onnxruntime_onnx"
+    assert [(g.kind, g.count) for g in gpu.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 2)]
+    assert [g.kind for g in cpu.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+    (accel,) = gpu.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP32"
+    assert not cpu.optimization.execution_accelerators.gpu_execution_accelerator
+    manifest.verify(tmp_path / "repo" / "container-gpu" / "logit" / "1")
+    # The two differ only in where they run.
+    for c in (gpu, cpu):
+        del c.instance_group[:]
+        c.ClearField("optimization")
+    assert gpu == cpu
+
+
+def test_the_cpu_container_never_picks_a_gpu_plan_and_the_gpu_one_prefers_it(
+    tmp_path: Path,
+) -> None:
+    from build_engines.base import Candidate, ContainerSpec
+    from build_engines.build import choose
+
+    onnx = logistic_candidate(tmp_path / "onnx", W, 0.0)
+    fil = Candidate(
+        "fil", "", tmp_path, local=False, gate_engine="gtil",
+        container=ContainerSpec("model.txt", backend="fil"),
+    )  # fmt: skip
+    trt = Candidate(
+        "tensorrt-fp16", "tensorrt", tmp_path,
+        container=ContainerSpec("model.plan", platform="tensorrt_plan", gpu=True),
+    )  # fmt: skip
+    passed = gate.Figures(
+        name="x", engine="", max_abs_diff=0.0, identical_decisions=1.0, p50_us=1.0, p99_us=1.0,
+        per_row_us_at_32=1.0, rows_per_s_at_1024=1.0, load_mib=1.0, size_bytes=1, passed=True,
+    )  # fmt: skip
+    figures = {c.name: passed for c in (onnx, fil, trt)}
+    assert choose([onnx, fil, trt], figures, "container", "latency") is fil
+    assert choose([onnx, trt], figures, "container", "latency") is onnx
+    assert choose([trt], figures, "container", "latency") is None
+    assert choose([onnx, fil, trt], figures, "container-gpu", "latency") is trt
+    assert choose([onnx, fil], figures, "container-gpu", "latency") is fil
+
+
+def test_an_int8_graph_stays_on_cuda_without_tensorrt(tmp_path: Path) -> None:
+    from google.protobuf import text_format
+
+    from build_engines.base import Candidate, ContainerSpec
+    from build_engines.repository import build_config
+
+    spec = ModelSpec("mlp")
+    shape = logistic_source(W, 0.0).schema.row_shape
+    int8 = Candidate(
+        "onnx-int8-static", "onnxruntime", tmp_path,
+        container=ContainerSpec("model.onnx", platform="onnxruntime_onnx"),
+    )  # fmt: skip
+    cfg = parse_config(
+        text_format.MessageToString(build_config(spec, shape, int8, "container-gpu"))
+    )
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert not cfg.optimization.execution_accelerators.gpu_execution_accelerator
