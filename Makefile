@@ -12,7 +12,7 @@ REPO ?= model_repository
 BUILD_FLAGS ?=
 PERF_FLAGS ?=
 
-.PHONY: install build-engines serve stop demo test lint perf perf-setup perf-peers reliability up down compose-check k8s-check clean
+.PHONY: install build-engines serve stop demo test lint perf perf-setup perf-peers reliability image up down compose-check k8s-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -111,9 +111,20 @@ perf-peers: $(PEERS_STAMP)
 	$(PEERS_PY) -m perf.peers --model-repository $(REPO)/local $(PEERS_FLAGS)
 
 ## Container target (needs Docker and the NGC image; not available on CI machines).
-## GPU=1 adds the GPU reservation; SETSUNA_ADMIN_TOKEN must be set.
+## setsuna's image: the whole stack built inside the NGC image, sealed with the
+## publisher's key passed as a BuildKit secret (never a layer). IMAGE_FLAGS: e.g.
+## --build-arg SETSUNA_BUILD_FLAGS="--small".
+IMAGE ?= setsuna/tritonserver:24.10-py3
+SIGNING_KEY ?= $(or $(SETSUNA_SIGNING_KEY),$(HOME)/.config/setsuna/signing_key)
+IMAGE_FLAGS ?=
+image:
+	test -f "$(SIGNING_KEY)" || { echo "no signing key at $(SIGNING_KEY): set SIGNING_KEY" >&2; exit 2; }
+	DOCKER_BUILDKIT=1 docker build -f deploy/container/Dockerfile -t $(IMAGE) \
+		--secret id=setsuna_signing_key,src="$(SIGNING_KEY)" $(IMAGE_FLAGS) .
+
+## GPU=1 adds triton-gpu (model_repository/container-gpu on the GPU); SETSUNA_ADMIN_TOKEN must be set.
 COMPOSE_FILES := -f docker-compose.yml $(if $(GPU),-f docker-compose.gpu.yml)
-up:
+up: image
 	docker compose $(COMPOSE_FILES) up -d
 
 down:
@@ -131,4 +142,4 @@ k8s-check: $(STAMP)
 	$(PY) -m pytest -q tests/deploy/test_k8s.py
 
 clean:
-	rm -rf $(REPO)/local $(REPO)/container .cache/build
+	rm -rf $(REPO)/local $(REPO)/container $(REPO)/container-gpu .cache/build

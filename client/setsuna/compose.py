@@ -7,7 +7,9 @@ targets, with only what must differ inside a container changed here:
 
 - it listens on every interface *inside* the container (the compose file
   publishes the ports on the host's 127.0.0.1 only);
-- it loads every model of the mounted repository (``--load-model=*``);
+- it loads every model of its repository (``--load-model=*``): the whole
+  stack the image was built with (:data:`CONTAINER_REPOSITORY`), or, for the
+  GPU service, the mounted GPU variant (:data:`GPU_REPOSITORY`);
 - the admin token comes from the host's environment at ``up`` time, never
   from the file;
 - ``--http-max-input-size`` is left out: the pinned 24.10 image (server
@@ -18,7 +20,8 @@ targets, with only what must differ inside a container changed here:
   only and ``restart: unless-stopped`` brings a crashed server back; see the
   threat model in docs/architecture.md.
 
-``python -m setsuna.compose`` prints the command as YAML list items.
+``python -m setsuna.compose`` prints the command as YAML list items
+(``--gpu``: the ``triton-gpu`` service's, docker-compose.gpu.yml).
 """
 
 from __future__ import annotations
@@ -28,10 +31,21 @@ from pathlib import Path
 
 from setsuna.server import ADMIN_TOKEN_ENV, ServerSettings
 
-#: Where docker-compose.yml mounts model_repository/container.
-CONTAINER_REPOSITORY = "/models"
-#: NGC release whose server is 2.51.0, the version of the nvidia-pytriton binary.
-IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+#: The image's writable state (docker-compose.yml's ``setsuna-state`` volume): the
+#: model repository, shadow logs, outcomes DB, and the lifecycle's state folder beside
+#: the repository (``.models.state``), on one file system so retiring is a rename.
+STATE_DIR = "/var/lib/setsuna"
+#: Where deploy/container/Dockerfile puts the repository it builds (the whole stack).
+CONTAINER_REPOSITORY = f"{STATE_DIR}/models"
+#: Where docker-compose.gpu.yml mounts model_repository/container-gpu (read-only).
+GPU_REPOSITORY = "/models-gpu"
+#: NGC release whose server is 2.51.0, the version of the nvidia-pytriton binary; the
+#: Dockerfile starts FROM it.
+BASE_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+#: setsuna's image (deploy/container/Dockerfile): BASE_IMAGE with the SDK and the
+#: repository built inside it. Its own name: compose tags what it builds with the
+#: service's ``image:``, which must never be the base's.
+IMAGE = "setsuna/tritonserver:24.10-py3"
 #: Compose interpolation that fails `up` when the token is unset.
 TOKEN_REFERENCE = f"${{{ADMIN_TOKEN_ENV}?{ADMIN_TOKEN_ENV}_must_be_set}}"
 
@@ -43,19 +57,27 @@ def container_settings(anchor: Path = Path()) -> ServerSettings:
     )
 
 
-def container_command(settings: ServerSettings | None = None) -> list[str]:
-    """argv of ``tritonserver`` in the NGC container."""
+def container_command(
+    settings: ServerSettings | None = None, repository: str = CONTAINER_REPOSITORY
+) -> list[str]:
+    """argv of ``tritonserver`` in the container, serving ``repository``."""
     s = settings or container_settings()
     return [
         "tritonserver",
-        f"--model-repository={CONTAINER_REPOSITORY}",
+        f"--model-repository={repository}",
         "--load-model=*",
         *s.flags(token=TOKEN_REFERENCE, max_input_size_flag=False),
     ]
 
 
-def main() -> int:
-    for arg in container_command():
+def gpu_command(settings: ServerSettings | None = None) -> list[str]:
+    """argv of the ``triton-gpu`` service (docker-compose.gpu.yml): the GPU repository."""
+    return container_command(settings, GPU_REPOSITORY)
+
+
+def main(argv: list[str] | None = None) -> int:
+    gpu = "--gpu" in (sys.argv[1:] if argv is None else argv)
+    for arg in gpu_command() if gpu else container_command():
         print(f"      - {arg}")
     return 0
 

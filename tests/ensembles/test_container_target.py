@@ -19,9 +19,10 @@ import pytest
 import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
+from build_engines import image
 from ensembles.__main__ import CONTAINER_STATE_DIR, main
 from setsuna import model_config
-from setsuna.compose import IMAGE
+from setsuna.compose import BASE_IMAGE, CONTAINER_REPOSITORY, IMAGE
 from setsuna.model_config import CONFIG_NAME
 from tests.helpers import build_logistic_models
 
@@ -113,24 +114,49 @@ def test_container_ensembles_name_only_models_of_the_repository(repos: dict[str,
         assert json.loads((repo / engine / "1" / "manifest.json").read_text())["model"] == engine
 
 
-def _from_images(text: str) -> list[str]:
-    return re.findall(r"^FROM\s+(\S+)", text, flags=re.MULTILINE)
+def _stages(text: str) -> list[str]:
+    return re.findall(r"^FROM\s+(.+?)\s*$", text, flags=re.MULTILINE)
 
 
-def test_dockerfile_pins_the_image_compose_runs_and_owns_the_state_dir() -> None:
+def _final_stage(text: str) -> str:
+    return text[[m.start() for m in re.finditer(r"^FROM\s", text, flags=re.MULTILINE)][-1] :]
+
+
+def test_dockerfile_builds_the_stack_in_the_pinned_image_and_serves_it_unprivileged() -> None:
     text = DOCKERFILE.read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     triton = compose["services"]["triton"]
-    assert _from_images(text) == [IMAGE] == [triton["image"]]
+    # runtime FROM the pinned NGC tag; engines built on top of it; served FROM runtime
+    assert _stages(code) == ["${BASE_IMAGE} AS runtime", "runtime AS engines", "runtime"]
+    assert re.search(rf"^ARG BASE_IMAGE={re.escape(BASE_IMAGE)}$", code, re.MULTILINE)
+    # compose builds it under setsuna's own name, never the base's
+    assert triton["image"] == IMAGE != BASE_IMAGE
+    assert triton["build"] == {"context": ".", "dockerfile": "deploy/container/Dockerfile"}
     assert f"setsuna-state:{CONTAINER_STATE_DIR}" in triton["volumes"]
+    assert not [v for v in triton["volumes"] if v.startswith("./")]  # the stack is in the image
     assert "setsuna-state" in compose["volumes"]
-    assert str(CONTAINER_STATE_DIR) in text and re.search(r"^USER\s+\S+", text, re.MULTILINE)
-    assert not re.search(r"^USER\s+(root|0)\b", text, re.MULTILINE)
-    assert not re.search(r"(?i)^(ENV|ARG)\s+\S*(TOKEN|SECRET|KEY|PASSWORD)", text, re.MULTILINE)
+    assert f"--model-repository={CONTAINER_REPOSITORY}" in triton["command"]
+    assert Path(CONTAINER_REPOSITORY).parent == CONTAINER_STATE_DIR
+    # the engines stage runs the tested module; the key only ever as a secret or on tmpfs
+    assert "python3 -m build_engines.image --out /build" in code
+    assert f"--signing-key {image.SECRET_KEY}" in code
+    assert "--mount=type=secret,id=setsuna_signing_key,required=false,mode=0400" in code
+    assert "--mount=type=tmpfs,target=/run/setsuna-key" in code
+    assert "--ephemeral-key-dir /run/setsuna-key" in code
+    assert not re.search(r"(?i)^(ENV|ARG)\s+\S*(TOKEN|SECRET|SIGNING|PASSWORD)", code, re.MULTILINE)
+    final = _final_stage(code)
+    assert f"/build/models {CONTAINER_REPOSITORY}" in final
+    assert "/build/backends/setsuna_forest /opt/tritonserver/backends/setsuna_forest" in final
+    assert "ENV SETSUNA_TRUSTED_KEYS=/etc/setsuna/trusted_keys" in final
+    assert "--chmod=0644" in final and "/build/trusted_keys /etc/setsuna/trusted_keys" in final
+    users = re.findall(r"^USER\s+(\S+)", final, re.MULTILINE)
+    assert users and users[-1] not in {"root", "0"}
     # the numpy pin the 2.51 stub needs, and no second server from nvidia-pytriton
-    code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    assert any('"numpy>=1.24,<2"' in line for line in code)
-    assert not any("pytriton" in line for line in code)  # the image is the server
+    assert '"numpy>=1.24,<2"' in code
+    assert "pytriton" not in code  # the image is the server
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    assert ignore[next(i for i, line in enumerate(ignore) if not line.startswith("#"))] == "*"
 
 
 def test_container_target_refuses_tritons_native_engines(

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 import yaml
 
-from setsuna.compose import CONTAINER_REPOSITORY, IMAGE, container_command
+from setsuna.compose import (
+    BASE_IMAGE,
+    CONTAINER_REPOSITORY,
+    GPU_REPOSITORY,
+    IMAGE,
+    container_command,
+    gpu_command,
+)
 from setsuna.server import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,18 +60,43 @@ def test_container_and_local_share_every_flag_but_the_container_specific_ones(
     }
 
 
-def test_image_is_pinned_ports_are_loopback_and_repository_is_mounted() -> None:
+def test_image_is_setsunas_ports_are_loopback_and_the_stack_is_in_the_image() -> None:
     services = _compose()["services"]
     assert services["triton"]["image"] == IMAGE
     for service in services.values():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), port
-    assert (
-        f"./model_repository/container:{CONTAINER_REPOSITORY}:ro" in services["triton"]["volumes"]
-    )
+    assert f"--model-repository={CONTAINER_REPOSITORY}" in services["triton"]["command"]
     assert "healthcheck" in services["triton"] and "healthcheck" in services["prometheus"]
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["triton:8002"]
+
+
+def test_the_gpu_service_serves_the_gpu_repository_with_the_same_flags() -> None:
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]
+    service = gpu["triton-gpu"]
+    assert service["command"] == gpu_command(), (
+        "docker-compose.gpu.yml drifted: regenerate with `python -m setsuna.compose --gpu`"
+    )
+    assert [f for f in gpu_command() if not f.startswith("--model-repository")] == [
+        f for f in container_command() if not f.startswith("--model-repository")
+    ]
+    assert service["image"] == BASE_IMAGE  # Triton-native engines only: no setsuna code
+    assert f"./model_repository/container-gpu:{GPU_REPOSITORY}:ro" in service["volumes"]
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert all(p.startswith("127.0.0.1:") for p in service["ports"])
+    # Prometheus scrapes both servers as one job, so every alert covers both.
+    (mount,) = gpu["prometheus"]["volumes"]
+    assert mount == "./deploy/prometheus-gpu.yml:/etc/prometheus/prometheus.yml:ro"
+    both = yaml.safe_load((ROOT / "deploy" / "prometheus-gpu.yml").read_text())
+    one = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    assert both["scrape_configs"][0]["static_configs"][0]["targets"] == [
+        "triton:8002",
+        "triton-gpu:8002",
+    ]
+    both["scrape_configs"][0]["static_configs"] = one["scrape_configs"][0]["static_configs"]
+    assert both == one
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
