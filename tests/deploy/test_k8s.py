@@ -24,6 +24,7 @@ from setsuna import k8s
 from setsuna.compose import (
     CONTAINER_REPOSITORY,
     IMAGE,
+    STATE_DIR,
     TOKEN_REFERENCE,
     container_command,
     container_settings,
@@ -129,7 +130,7 @@ def test_manifests_hold_the_generated_args() -> None:
 @pytest.mark.parametrize("target", TARGETS)
 def test_deployment_args_are_compose_command_with_kubernetes_references(target: str) -> None:
     triton = _triton(_render(target))
-    assert triton["image"] == IMAGE == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert triton["image"] == IMAGE == "setsuna/tritonserver:24.10-py3"
     assert triton["command"] == k8s.COMMAND
     assert triton["args"] == k8s.deployment_args()
     # The same flags as docker-compose.yml's command (itself checked against
@@ -162,9 +163,14 @@ def test_token_comes_from_a_secret_and_repository_from_the_configmap(target: str
     config = _one(docs, "ConfigMap")
     assert ref["name"] == config["metadata"]["name"]
     uri = config["data"][k8s.MODEL_REPOSITORY_ENV]
-    assert uri.startswith(("s3://", "gs://")), uri
-    if target == "overlays/gpu":
-        assert uri != _one(_render("overlays/cpu"), "ConfigMap")["data"][k8s.MODEL_REPOSITORY_ENV]
+    if target == "overlays/gpu":  # the GPU variant, from object storage
+        assert uri.startswith(("s3://", "gs://")) and uri.endswith("container-gpu"), uri
+    else:  # the stack baked into the image
+        assert uri == CONTAINER_REPOSITORY, uri
+    # The ensembles' state folders are writable volumes, the root file system is not.
+    mounts = {m["mountPath"] for m in triton["volumeMounts"]}
+    assert {f"{STATE_DIR}/shadow", f"{STATE_DIR}/feedback"} <= mounts
+    assert triton["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 # --------------------------------------------------------------------------- what the pods get
