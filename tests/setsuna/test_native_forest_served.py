@@ -210,15 +210,26 @@ def test_large_http_bodies_are_scored_and_checked_across_triton_s_buffers(
             _infer_http(served, "lgb_tl", bad)
 
 
+FAILURES = "setsuna_request_failures_total"
+
+
+def _failures(served: Served, model: str, reason: str) -> float:
+    return sum(metric_series(served.server.metrics_url, FAILURES, model=model, reason=reason))
+
+
 def test_nan_is_refused_naming_row_and_column_and_the_server_serves_on(served: Served) -> None:
     x = served.held_out[:3].copy()
     x[2, 5] = np.inf
     name = manifest.read(served.repo / "lgb_tl" / "1").schema.names[5]
     refused = rf"row 2, column 5 \({name}\).*allow_nan"
+    before = _failures(served, "lgb_tl", "refused")
     with pytest.raises(InferenceServerException, match=refused) as e:
         _infer(served, "lgb_tl", x)
     assert "INVALID_ARG" in str(e.value.status())
     assert _infer(served, "lgb_tl", x[:2]).shape == (2, 1)
+    # counted like the Python wrapper's refusals (the alerts and dashboard read this family)
+    wait_until("the refusal counter", lambda: _failures(served, "lgb_tl", "refused") == before + 1)
+    assert _failures(served, "lgb_tl", "engine") == 0
 
 
 def test_a_nan_request_fails_alone_in_a_batch_of_concurrent_good_ones(served: Served) -> None:
@@ -262,11 +273,35 @@ def test_wrong_shape_dtype_or_oversized_batch_is_refused(
 def test_an_engine_failure_fails_its_requests_visibly(served: Served) -> None:
     x = np.zeros((3, N_FEATURES), dtype=np.float32)
     np.testing.assert_array_equal(_infer(served, "broken", x), np.full((3, 1), 0.25, np.float32))
+    before = _failures(served, "broken", "engine")
     x[1, 0] = 1000.0
     with pytest.raises(InferenceServerException, match=r"engine failed: .*non-finite score") as e:
         _infer(served, "broken", x)
     assert "INTERNAL" in str(e.value.status())
     assert _infer(served, "broken", x[:1]).shape == (1, 1)  # the instance serves on
+    wait_until("the engine counter", lambda: _failures(served, "broken", "engine") == before + 1)
+    assert _failures(served, "broken", "refused") == 0
+
+
+def test_the_failure_family_is_the_python_wrappers_word_for_word() -> None:
+    """One family, two backends: Triton refuses a second registration whose help differs."""
+    import re
+
+    c = next(p for p in native_forest.sources() if p.name == "backend.c").read_text()
+    py = (Path(native_forest.__file__).parent / "backend.py").read_text()
+
+    def c_string(macro: str) -> str:
+        body = re.search(rf"#define {macro}\s+\\?\s*((?:\"[^\"]*\"\s*\\?\s*)+)", c)
+        assert body, macro
+        return "".join(re.findall(r'"([^"]*)"', body.group(1)))
+
+    def py_description(family: str) -> str:
+        block = re.search(rf'name="{family}",\s+description=((?:"[^"]*"\s*)+)', py)
+        assert block, family
+        return "".join(re.findall(r'"([^"]*)"', block.group(1)))
+
+    assert c_string("FAILURE_DESCRIPTION") == py_description(FAILURES)
+    assert c_string("SHED_DESCRIPTION") == py_description("setsuna_shed_total")
 
 
 def test_a_request_past_its_deadline_is_shed_not_computed(served: Served) -> None:

@@ -52,6 +52,13 @@
 #define SHED_DESCRIPTION                                                             \
   "Requests answered UNAVAILABLE without computing: the caller's deadline was nearer " \
   "than a batch takes (setsuna.deadline)"
+/* The wrapper's failure counter, word for word too: Triton's nv_inference_request_failure
+   counts these here (success=0 is reported) but not for the Python wrapper, so alerts and
+   the dashboard read this family for both backends. */
+#define FAILURE_FAMILY "setsuna_request_failures_total"
+#define FAILURE_DESCRIPTION                                                            \
+  "Requests answered with an error by the engine wrapper, by reason: engine (it raised " \
+  "or answered non-finite scores) or refused (bad input)"
 
 typedef struct model_state {
   char name[256];
@@ -61,6 +68,9 @@ typedef struct model_state {
   double margin_ns;
   TRITONSERVER_MetricFamily* shed_family;
   TRITONSERVER_Metric* shed_metric;
+  TRITONSERVER_MetricFamily* failure_family;
+  TRITONSERVER_Metric* failure_engine;  /* reason="engine" */
+  TRITONSERVER_Metric* failure_refused; /* reason="refused" */
 } model_state;
 
 enum { REQ_DONE = 0, REQ_GOOD = 1 };
@@ -235,15 +245,31 @@ static void free_model(model_state* m) {
   if (m == NULL) return;
   sf_engine_close(&m->engine);
   sf_manifest_release(&m->manifest);
-  if (m->shed_metric != NULL) {
-    TRITONSERVER_Error* e = TRITONSERVER_MetricDelete(m->shed_metric);
+  /* Metrics before their families: a family must outlive its metrics. */
+  TRITONSERVER_Metric* metrics[3] = {m->shed_metric, m->failure_engine, m->failure_refused};
+  for (int i = 0; i < 3; ++i) {
+    if (metrics[i] == NULL) continue;
+    TRITONSERVER_Error* e = TRITONSERVER_MetricDelete(metrics[i]);
     if (e != NULL) TRITONSERVER_ErrorDelete(e);
   }
-  if (m->shed_family != NULL) {
-    TRITONSERVER_Error* e = TRITONSERVER_MetricFamilyDelete(m->shed_family);
+  TRITONSERVER_MetricFamily* families[2] = {m->shed_family, m->failure_family};
+  for (int i = 0; i < 2; ++i) {
+    if (families[i] == NULL) continue;
+    TRITONSERVER_Error* e = TRITONSERVER_MetricFamilyDelete(families[i]);
     if (e != NULL) TRITONSERVER_ErrorDelete(e);
   }
   free(m);
+}
+
+static TRITONSERVER_Error* make_failure_metric(model_state* m, const char* reason,
+                                               TRITONSERVER_Metric** out) {
+  TRITONSERVER_Parameter* model = TRITONSERVER_ParameterNew("model", SF_PARAMETER_STRING, m->name);
+  TRITONSERVER_Parameter* why = TRITONSERVER_ParameterNew("reason", SF_PARAMETER_STRING, reason);
+  const TRITONSERVER_Parameter* labels[2] = {model, why};
+  TRITONSERVER_Error* err = TRITONSERVER_MetricNew(out, m->failure_family, labels, 2);
+  TRITONSERVER_ParameterDelete(why);
+  TRITONSERVER_ParameterDelete(model);
+  return err;
 }
 
 static TRITONSERVER_Error* make_metric(model_state* m) {
@@ -254,7 +280,19 @@ static TRITONSERVER_Error* make_metric(model_state* m) {
   const TRITONSERVER_Parameter* labels[1] = {label};
   err = TRITONSERVER_MetricNew(&m->shed_metric, m->shed_family, labels, 1);
   TRITONSERVER_ParameterDelete(label);
+  if (err == NULL) {
+    err = TRITONSERVER_MetricFamilyNew(&m->failure_family, SF_METRIC_COUNTER, FAILURE_FAMILY,
+                                       FAILURE_DESCRIPTION);
+  }
+  if (err == NULL) err = make_failure_metric(m, "engine", &m->failure_engine);
+  if (err == NULL) err = make_failure_metric(m, "refused", &m->failure_refused);
   return err;
+}
+
+static void count(TRITONSERVER_Metric* metric, uint32_t n) {
+  if (n == 0 || metric == NULL) return;
+  TRITONSERVER_Error* e = TRITONSERVER_MetricIncrement(metric, (double)n);
+  if (e != NULL) TRITONSERVER_ErrorDelete(e);
 }
 
 EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInitialize(TRITONBACKEND_Model* model) {
@@ -573,7 +611,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
                   m->name, n_requests);
   }
   const uint64_t wall = now_ns(CLOCK_REALTIME);
-  uint32_t good = 0, only = 0, shed = 0;
+  uint32_t good = 0, only = 0, shed = 0, refused = 0, failed = 0;
   int64_t total = 0;
   for (uint32_t r = 0; r < n_requests; ++r) {
     s->status[r] = REQ_DONE;
@@ -600,6 +638,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
     }
     err = check_request(s, requests[r], r);
     if (err != NULL) {
+      ++refused;
       send(s->responses[r], err);
       continue;
     }
@@ -627,6 +666,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
     if (fail == NULL && !m->manifest.allow_nan) {
       TRITONSERVER_Error* refusal = check_finite(m, x, s->rows[only]);
       if (refusal != NULL) {
+        ++refused;
         send(s->responses[only], refusal);
         s->status[only] = REQ_DONE;
         good = 0;
@@ -646,6 +686,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
       TRITONSERVER_Error* refusal =
           m->manifest.allow_nan ? NULL : check_finite(m, s->x + at * f, s->rows[r]);
       if (refusal != NULL) {
+        ++refused;
         send(s->responses[r], refusal);
         s->status[r] = REQ_DONE;
         --good;
@@ -670,6 +711,7 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
       if (s->status[r] != REQ_GOOD) continue;
       TRITONSERVER_Error* mine = NULL;
       if (fail != NULL) {
+        ++failed;
         mine = TRITONSERVER_ErrorNew(SF_ERROR_INTERNAL, TRITONSERVER_ErrorMessage(fail));
       } else if (!direct) {
         float* out = output_buffer(s->responses[r], s->rows[r], &mine);
@@ -681,6 +723,8 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(
     }
     if (fail != NULL) TRITONSERVER_ErrorDelete(fail);
   }
+  count(m->failure_engine, failed);
+  count(m->failure_refused, refused);
   const uint64_t exec_end = now_ns(CLOCK_MONOTONIC);
   int64_t served_rows = 0;
   for (uint32_t r = 0; r < n_requests; ++r) {
