@@ -284,7 +284,8 @@ def test_an_engine_failure_fails_its_requests_visibly(served: Served) -> None:
 
 
 def test_the_failure_family_is_the_python_wrappers_word_for_word() -> None:
-    """One family, two backends: Triton refuses a second registration whose help differs."""
+    """One family, two backends: prometheus-cpp merges by name and keeps the first help text,
+    so ``/metrics`` must read the same whichever backend registered it first."""
     import re
 
     c = next(p for p in native_forest.sources() if p.name == "backend.c").read_text()
