@@ -43,6 +43,8 @@ from pathlib import Path
 
 from build_engines import __main__ as build_main
 from ensembles import __main__ as ensembles_main
+from ensembles import repository as rep
+from ensembles import statedb
 from setsuna import native_forest, seal
 from setsuna.errors import ConfigError, SetsunaError
 
@@ -93,8 +95,19 @@ def build(
     signing_key: Path | None,
     ephemeral_key_dir: Path,
     state_dir: Path,
+    outcomes_db: str | None = None,
 ) -> int:
-    """Write models/, backends/ and trusted_keys under ``out``; the exit status."""
+    """Write models/, backends/ and trusted_keys under ``out``; the exit status.
+
+    ``outcomes_db``: a ``postgresql://`` URL (no password: libpq reads
+    ``PGPASSWORD``/``PGPASSFILE`` in the container) for the selector's and
+    feedback's outcomes, shared by every replica; default: SQLite under
+    ``state_dir``, one per container.
+    """
+    if outcomes_db is not None:  # a bad URL fails now, not after the engines are built
+        if not statedb.is_url(outcomes_db):
+            raise ConfigError(f"--outcomes-db {outcomes_db!r}: give a postgresql:// URL")
+        rep.outcomes_parameter(outcomes_db)
     models = out / "models"
     if models.exists() or (out / "trusted_keys").exists():
         raise ConfigError(f"{out} already holds an image repository: give an empty --out")
@@ -128,9 +141,10 @@ def build(
         shutil.rmtree(out / "build")
         shutil.rmtree(out / "work", ignore_errors=True)
         if all((models / m / "1").is_dir() for m in STACK_ARMS):
+            shared = ["--outcomes-db", outcomes_db] if outcomes_db else []
             status = ensembles_main.main(
                 ["--target", "container", "--model-repository", str(models),
-                 "--state-dir", str(state_dir)]
+                 "--state-dir", str(state_dir), *shared]
             )  # fmt: skip
             if status != 0:
                 return status
@@ -171,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         help="where a build-only key lives when no publisher key is given (a tmpfs)",
     )
     p.add_argument("--state-dir", type=Path, default=ensembles_main.CONTAINER_STATE_DIR)
+    p.add_argument(
+        "--outcomes-db",
+        default="",
+        help="postgresql:// URL shared by the replicas (default: SQLite under --state-dir)",
+    )
     args, build_args = p.parse_known_args(argv)
     try:
         return build(
@@ -179,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             signing_key=args.signing_key,
             ephemeral_key_dir=args.ephemeral_key_dir,
             state_dir=args.state_dir,
+            outcomes_db=args.outcomes_db or None,
         )
     except SetsunaError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from setsuna import model_config, seal
 from setsuna.errors import ConfigError, TamperedArtifactError
 from setsuna.model_config import CONFIG_NAME
 from setsuna.server import LocalTriton
+from tests.pgserver import PostgresServer
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 
@@ -192,3 +193,31 @@ def test_the_whole_stack_serves_from_the_image_repository(
     assert (built.state / "feedback" / "outcomes.db").is_file()
     assert not list((built.out / "models").glob("**/*.db"))
     assert os.access(built.state, os.W_OK)
+
+
+def test_replicas_can_share_outcomes_in_postgresql_and_a_password_is_refused_first(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = postgres.createdb("image_outcomes")
+    key_dir = tmp_path / "tmpfs"
+    key_dir.mkdir()
+    out = tmp_path / "out"
+    status = image.main(
+        ["--out", str(out), "--ephemeral-key-dir", str(key_dir), "--outcomes-db", url,
+         "--small", "--examples", "lightgbm,xgboost,mlp"]
+    )  # fmt: skip
+    assert status == 0
+    for model in ("selector", "feedback"):
+        cfg = model_config.load(out / "models" / model / CONFIG_NAME)
+        assert cfg.parameters["outcomes_db"].string_value == url
+    with pytest.raises(ConfigError, match="password") as refused:
+        image.build(
+            tmp_path / "other",
+            build_args=["--examples", "xgboost"],
+            signing_key=None,
+            ephemeral_key_dir=key_dir,
+            state_dir=tmp_path / "state",
+            outcomes_db="postgresql://desk:hunter2@db:5432/setsuna",
+        )
+    assert "hunter2" not in str(refused.value)
+    assert not (tmp_path / "other").exists()
