@@ -17,6 +17,7 @@ against 5 ms replica, a ratio with a wide margin. Figures are printed (``-s``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -33,12 +34,12 @@ import pytest
 from ensembles.__main__ import main as write_example_ensembles
 from setsuna import seal
 from setsuna.audit import AuditLog, AuditSettings
-from setsuna.client import Client, ClientSettings
+from setsuna.client import AsyncClient, Client, ClientSettings
 from setsuna.features import FeatureEngine, default_spec
 from setsuna.market import ReplayFeed, datasets
 from setsuna.pipeline import Pipeline, PipelineSettings
 from setsuna.policy import ThresholdPolicy
-from setsuna.replicas import ReplicaSettings
+from setsuna.replicas import ReplicaSettings, ReplicaStats
 from setsuna.server import LocalTriton
 from tests.helpers import build_logistic_models
 
@@ -229,6 +230,35 @@ def test_hedging_hides_a_slow_replica(cluster: Cluster) -> None:
     assert p99_on < p99_off / 2, (p99_on, p99_off)
     # About a third of the calls start on the slow replica; their hedge wins.
     assert won >= calls // 6 and sent >= won
+
+
+def test_the_async_twin_hedges_and_cancels_the_same_way(cluster: Cluster) -> None:
+    """AsyncClient: the hedge is a second task; the slow copy's task is cancelled."""
+    settings = ReplicaSettings(
+        tuple(cluster.urls), hedge_quantile=0.5, hedge_min_samples=10, latency_window=30
+    )
+    x = np.ones((1, PACED_FEATURES), np.float32)
+
+    async def go() -> tuple[list[float], ReplicaStats]:
+        async with AsyncClient(settings, settings=PATIENT, models=["paced"]) as client:
+            for _ in range(30):  # the window fills and settles
+                await client.infer("paced", x)
+            lat = []
+            for _ in range(45):
+                t0 = time.perf_counter()
+                p = await client.infer("paced", x)
+                lat.append((time.perf_counter() - t0) * 1e3)
+                assert float(p["score"][0, 0]) == PACED_FEATURES
+            await asyncio.sleep(0.05)  # cancelled tasks finish unwinding
+            return lat, client.replica_stats()
+
+    lat, stats = asyncio.run(go())
+    assert stats.hedges_won >= 45 // 6 and stats.hedges_sent >= stats.hedges_won
+    assert all(n == 0 for n in stats.outstanding.values())  # every cancelled copy ended
+    print(
+        f"\nasync hedging: p99 {np.percentile(lat, 99):.1f} ms, hedges sent "
+        f"{stats.hedges_sent}, won {stats.hedges_won}"
+    )
 
 
 def _replay(cluster: Cluster, client: Client, audit_path: Path) -> tuple[int, dict[str, float]]:
