@@ -37,21 +37,27 @@ import argparse
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from build_engines import __main__ as build_main
-from ensembles import __main__ as ensembles_main
-from ensembles import repository as rep
-from ensembles import statedb
 from setsuna import native_forest, seal
 from setsuna.errors import ConfigError, SetsunaError
 
 #: Where the Dockerfile mounts the publisher's key (``--secret id=setsuna_signing_key``).
 SECRET_KEY = Path("/run/secrets/setsuna_signing_key")
-#: What the image's repository holds besides engines when the examples are built.
-STACK_ARMS = (*ensembles_main.ARMS, ensembles_main.SHADOW)
+#: The example arms and shadow the ensembles need (``ensembles.__main__``'s ARMS, SHADOW).
+STACK_ARMS = ("lightgbm", "xgboost", "mlp")
+#: ``ensembles.__main__.CONTAINER_STATE_DIR``: the image's writable volume.
+STATE_DIR = Path("/var/lib/setsuna")
+
+
+def _ensembles(*args: str) -> int:
+    """``python -m ensembles`` (a sibling package: called by its CLI, as the Makefile does)."""
+    done = subprocess.run([sys.executable, "-m", "ensembles", *args], check=False)
+    return done.returncode
 
 
 @contextlib.contextmanager
@@ -104,10 +110,11 @@ def build(
     feedback's outcomes, shared by every replica; default: SQLite under
     ``state_dir``, one per container.
     """
-    if outcomes_db is not None:  # a bad URL fails now, not after the engines are built
-        if not statedb.is_url(outcomes_db):
-            raise ConfigError(f"--outcomes-db {outcomes_db!r}: give a postgresql:// URL")
-        rep.outcomes_parameter(outcomes_db)
+    shared = ["--outcomes-db", outcomes_db] if outcomes_db else []
+    settings = ["--target", "container", "--state-dir", str(state_dir), *shared]
+    # A bad URL or state folder fails now, not after minutes of engines.
+    if _ensembles(*settings, "--check-only") != 0:
+        raise ConfigError("the ensembles' settings were refused (above); nothing was built")
     models = out / "models"
     if models.exists() or (out / "trusted_keys").exists():
         raise ConfigError(f"{out} already holds an image repository: give an empty --out")
@@ -141,11 +148,7 @@ def build(
         shutil.rmtree(out / "build")
         shutil.rmtree(out / "work", ignore_errors=True)
         if all((models / m / "1").is_dir() for m in STACK_ARMS):
-            shared = ["--outcomes-db", outcomes_db] if outcomes_db else []
-            status = ensembles_main.main(
-                ["--target", "container", "--model-repository", str(models),
-                 "--state-dir", str(state_dir), *shared]
-            )  # fmt: skip
+            status = _ensembles(*settings, "--model-repository", str(models))
             if status != 0:
                 return status
         else:
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("/run/setsuna-key"),
         help="where a build-only key lives when no publisher key is given (a tmpfs)",
     )
-    p.add_argument("--state-dir", type=Path, default=ensembles_main.CONTAINER_STATE_DIR)
+    p.add_argument("--state-dir", type=Path, default=STATE_DIR)
     p.add_argument(
         "--outcomes-db",
         default="",

@@ -88,6 +88,16 @@ def _prior(repo: Path, model: str) -> float:
     return float(share) if isinstance(share, int | float) else 0.99
 
 
+def check_settings(*, state_dir: Path | None = None, outcomes_db: str | None = None) -> None:
+    """The settings' own checks, before any model is written (``--check-only``)."""
+    if state_dir is not None and not state_dir.is_absolute():
+        raise ConfigError(f"state_dir {state_dir}: give an absolute path")
+    if outcomes_db is not None:
+        if not statedb.is_url(outcomes_db):
+            raise ConfigError(f"outcomes_db {outcomes_db!r}: give a postgresql:// URL")
+        rep.outcomes_parameter(outcomes_db)
+
+
 def write_examples(
     repo: Path, *, state_dir: Path | None = None, outcomes_db: str | None = None
 ) -> list[Path]:
@@ -99,12 +109,7 @@ def write_examples(
     a ``postgresql://`` URL (no password) for the outcomes instead, shared by
     replicas (:mod:`ensembles.statedb`).
     """
-    if state_dir is not None and not state_dir.is_absolute():
-        raise ConfigError(f"state_dir {state_dir}: give an absolute path")
-    if outcomes_db is not None:  # checked before any model is written
-        if not statedb.is_url(outcomes_db):
-            raise ConfigError(f"outcomes_db {outcomes_db!r}: give a postgresql:// URL")
-        rep.outcomes_parameter(outcomes_db)
+    check_settings(state_dir=state_dir, outcomes_db=outcomes_db)
 
     def log(router: str) -> Path:
         if state_dir is None:
@@ -243,10 +248,19 @@ def main(argv: list[str] | None = None) -> int:
         "every replica's selector and feedback (no password in it: libpq reads PGPASSWORD, "
         "PGPASSFILE or ~/.pgpass); default: SQLite beside the feedback model",
     )
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="check --state-dir and --outcomes-db and exit; write nothing (a build checks "
+        "them before it spends minutes on engines)",
+    )
     args = p.parse_args(argv)
     repo = args.model_repository or Path("model_repository") / args.target
     state = args.state_dir if args.target == "container" else None
     try:
+        if args.check_only:
+            check_settings(state_dir=state, outcomes_db=args.outcomes_db)
+            return 0
         for folder in write_examples(repo, state_dir=state, outcomes_db=args.outcomes_db):
             print(f"wrote {folder}")
     except SetsunaError as exc:

@@ -195,8 +195,16 @@ def test_the_whole_stack_serves_from_the_image_repository(
     assert os.access(built.state, os.W_OK)
 
 
+def test_the_sibling_constants_match_the_ensembles() -> None:
+    """build_engines calls ensembles by its CLI (siblings import neither): the names agree."""
+    from ensembles import __main__ as ensembles_main
+
+    assert (*ensembles_main.ARMS, ensembles_main.SHADOW) == image.STACK_ARMS
+    assert image.STATE_DIR == ensembles_main.CONTAINER_STATE_DIR
+
+
 def test_replicas_can_share_outcomes_in_postgresql_and_a_password_is_refused_first(
-    tmp_path: Path, postgres: PostgresServer
+    tmp_path: Path, postgres: PostgresServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
     url = postgres.createdb("image_outcomes")
     key_dir = tmp_path / "tmpfs"
@@ -210,7 +218,7 @@ def test_replicas_can_share_outcomes_in_postgresql_and_a_password_is_refused_fir
     for model in ("selector", "feedback"):
         cfg = model_config.load(out / "models" / model / CONFIG_NAME)
         assert cfg.parameters["outcomes_db"].string_value == url
-    with pytest.raises(ConfigError, match="password") as refused:
+    with pytest.raises(ConfigError, match="refused") as refused:
         image.build(
             tmp_path / "other",
             build_args=["--examples", "xgboost"],
@@ -219,5 +227,16 @@ def test_replicas_can_share_outcomes_in_postgresql_and_a_password_is_refused_fir
             state_dir=tmp_path / "state",
             outcomes_db="postgresql://desk:hunter2@db:5432/setsuna",
         )
-    assert "hunter2" not in str(refused.value)
+    err = capfd.readouterr().err
+    assert "password" in err and "hunter2" not in err + str(refused.value)
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(ConfigError, match="refused"):
+        image.build(
+            tmp_path / "other",
+            build_args=["--examples", "xgboost"],
+            signing_key=None,
+            ephemeral_key_dir=key_dir,
+            state_dir=Path("relative/state"),
+        )
+    assert "give an absolute path" in capfd.readouterr().err
     assert not (tmp_path / "other").exists()
