@@ -55,6 +55,8 @@ from setsuna.server import LocalTriton
 
 MODEL = "mlp"
 PACED = "paced"
+#: Features of the paced model (it sums them).
+PACED_FEATURES = 4
 N_FEATURES = 48
 PATIENT = ClientSettings(deadline_ms=5_000)
 
@@ -62,7 +64,7 @@ PACED_CONFIG = """\
 name: "paced"
 backend: "python"
 max_batch_size: 64
-input [ {{ name: "features" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {n} ] }} ]
 output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 dynamic_batching {{ }}
@@ -126,13 +128,26 @@ def build(root: Path) -> Path:
     return root / "local"
 
 
-def replica_repo(built: Path, dest: Path, delay_ms: float) -> Path:
-    shutil.copytree(built, dest)
-    folder = dest / PACED
+def write_paced(repo: Path, delay_ms: float, n_features: int = PACED_FEATURES) -> Path:
+    """``paced``: sums its features after sleeping ``delay_ms`` once per batch, sealed.
+
+    An artificially slowed replica for the hedging figures (and the tests):
+    a cancelled hedge copy still runs on the server (2.51's Python backend
+    does not drop it), so a queue on the slow replica is batched, never
+    unbounded.
+    """
+    folder = repo / PACED
     (folder / "1").mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(PACED_CONFIG.format(delay_ms=delay_ms))
+    config = PACED_CONFIG.format(n=n_features, delay_ms=delay_ms)
+    (folder / "config.pbtxt").write_text(config)
     (folder / "1" / "model.py").write_text(PACED_PY)
     seal.seal_model(folder)  # the stub guard loads only sealed folders
+    return folder
+
+
+def replica_repo(built: Path, dest: Path, delay_ms: float) -> Path:
+    shutil.copytree(built, dest)
+    write_paced(dest, delay_ms)
     return dest
 
 
@@ -271,7 +286,7 @@ def failover(servers: list[LocalTriton], period_ms: float, seconds: float) -> di
 
 
 def hedging(endpoints: list[str], calls: int) -> dict[str, Any]:
-    x = np.ones((1, 4), np.float32)
+    x = np.ones((1, PACED_FEATURES), np.float32)
 
     def run(client: Client) -> list[float]:
         lat = []

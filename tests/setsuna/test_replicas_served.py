@@ -32,7 +32,7 @@ import numpy.typing as npt
 import pytest
 
 from ensembles.__main__ import main as write_example_ensembles
-from setsuna import seal
+from perf.replicas import PACED_FEATURES, write_paced
 from setsuna.audit import AuditLog, AuditSettings
 from setsuna.client import AsyncClient, Client, ClientSettings
 from setsuna.features import FeatureEngine, default_spec
@@ -50,46 +50,9 @@ RNG = np.random.default_rng(17)
 ENGINES = {
     m: (RNG.normal(size=N) * 0.05).astype(np.float32) for m in ("lightgbm", "xgboost", "mlp")
 }
-PACED_FEATURES = 4
 FAST_MS, SLOW_MS = 5, 200
 #: Generous: a failover always fits, so a lost decision can only be a bug.
 PATIENT = ClientSettings(deadline_ms=5_000)
-
-PACED_CONFIG = """\
-name: "paced"
-backend: "python"
-max_batch_size: 64
-input [ {{ name: "features" data_type: TYPE_FP32 dims: [ {n} ] }} ]
-output [ {{ name: "score" data_type: TYPE_FP32 dims: [ 1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-dynamic_batching {{ }}
-parameters {{ key: "delay_ms" value {{ string_value: "{delay_ms}" }} }}
-"""
-# Sleeps once per batch: a cancelled hedge copy still runs on the server (2.51's Python
-# backend does not drop it), so a queue on the slow replica is batched, never unbounded.
-PACED_PY = """\
-import json
-import time
-
-import numpy as np
-import numpy.typing as npt
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.delay_s = float(params["delay_ms"]["string_value"]) / 1e3
-
-    def execute(self, requests):
-        time.sleep(self.delay_s)
-        out = []
-        for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "features").as_numpy()
-            score = x.sum(axis=1, keepdims=True).astype(np.float32)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("score", score)]))
-        return out
-"""
 
 
 @dataclass
@@ -114,11 +77,7 @@ SHARED = Shared()
 
 
 def _paced(repo: Path, delay_ms: int) -> None:
-    folder = repo / "paced"
-    (folder / "1").mkdir(parents=True)
-    (folder / "config.pbtxt").write_text(PACED_CONFIG.format(n=PACED_FEATURES, delay_ms=delay_ms))
-    (folder / "1" / "model.py").write_text(PACED_PY)
-    seal.seal_model(folder)  # the stub guard loads only sealed folders
+    write_paced(repo, delay_ms, PACED_FEATURES)
 
 
 @pytest.fixture(scope="module")
