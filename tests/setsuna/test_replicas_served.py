@@ -102,6 +102,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         if SHARED.client is not None:
             SHARED.client.close()
+            # Dropped now: a closed client kept to interpreter exit has its stubs'
+            # __del__ close them again after grpc's module teardown (noise on stderr).
+            SHARED.client = None
         for server in servers:
             server.stop()
 
