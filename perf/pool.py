@@ -68,12 +68,10 @@ COPIES = 50
 def build(root: Path) -> Path:
     """The three models through the real pipeline, and 50 re-published MLP copies."""
     import lightgbm as lgb
-    import torch
 
     from build_engines import gate
     from build_engines.base import F32, Built, Source
     from build_engines.build import build_model, converter_for
-    from build_engines.sources import from_object
     from build_engines.sources.trees import from_lightgbm
     from build_engines.spec import ModelSpec, ServingSpec
 
@@ -83,22 +81,7 @@ def build(root: Path) -> Path:
     x = rng.normal(size=(3_000, N_FEATURES)).astype(np.float32)
     y = (x[:, 0] + np.tanh(x[:, 1] * x[:, 2]) + 0.5 * rng.normal(size=len(x)) > 0).astype(int)
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(N_FEATURES, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 1),
-        torch.nn.Sigmoid(),
-    ).eval()
-    source = from_object(net, name=MLP, example_input=torch.from_numpy(x[:8]))
-
-    def onnx_only(s: Source, workdir: Path, calib: F32) -> list[Built]:
-        return [b for b in converter_for(s)(s, workdir, calib) if b.name == "onnx"]
-
-    spec = ModelSpec(MLP, gate=fast, serving=one)
-    build_model(source, x, spec, root, ("local",), root / "work", echo=False, converter=onnx_only)
+    build_mlp(root, MLP, x)
 
     params = {"objective": "binary", "num_leaves": 15, "verbose": -1, "num_threads": 1, "seed": 1}
     booster = lgb.train(params, lgb.Dataset(x[:2000], y[:2000]), num_boost_round=150)
@@ -121,6 +104,40 @@ def build(root: Path) -> Path:
     for i in range(COPIES):
         copy_model(repo, MLP, f"pool_{i:02d}")
     return repo
+
+
+def build_mlp(root: Path, name: str, x: npt.NDArray[np.float32]) -> Path:
+    """A fixed random MLP 48-256-256-1 as ``name`` (ONNX candidate only, one instance),
+    gated on ``x``, in ``root/local``: the small neural model the benchmarks serve."""
+    import torch
+
+    from build_engines import gate
+    from build_engines.base import F32, Built, Source
+    from build_engines.build import build_model, converter_for
+    from build_engines.sources import from_object
+    from build_engines.spec import ModelSpec, ServingSpec
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(N_FEATURES, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 1),
+        torch.nn.Sigmoid(),
+    ).eval()
+    source = from_object(net, name=name, example_input=torch.from_numpy(x[:8]))
+
+    def onnx_only(s: Source, workdir: Path, calib: F32) -> list[Built]:
+        return [b for b in converter_for(s)(s, workdir, calib) if b.name == "onnx"]
+
+    spec = ModelSpec(
+        name,
+        gate=gate.GateSettings(latency_calls=20, batch_budget_s=0.01),
+        serving=ServingSpec(cpu_instances=1),
+    )
+    build_model(source, x, spec, root, ("local",), root / "work", echo=False, converter=onnx_only)
+    return root / "local"
 
 
 def copy_model(repo: Path, src: str, dst: str) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from perf.pool import build_mlp
 from setsuna import seal
 from setsuna.client import AsyncClient, Client, ClientSettings
 from setsuna.errors import ServingError
@@ -96,36 +97,8 @@ class TritonPythonModel:
 
 def build(root: Path) -> Path:
     """The MLP through the real pipeline (ONNX candidate only), one instance."""
-    import torch
-
-    from build_engines import gate
-    from build_engines.base import F32, Built, Source
-    from build_engines.build import build_model, converter_for
-    from build_engines.sources import from_object
-    from build_engines.spec import ModelSpec, ServingSpec
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(N_FEATURES, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 256),
-        torch.nn.ReLU(),
-        torch.nn.Linear(256, 1),
-        torch.nn.Sigmoid(),
-    ).eval()
     x = np.random.default_rng(0).normal(size=(2_000, N_FEATURES)).astype(np.float32)
-    source = from_object(net, name=MODEL, example_input=torch.from_numpy(x[:8]))
-
-    def onnx_only(s: Source, workdir: Path, calib: F32) -> list[Built]:
-        return [b for b in converter_for(s)(s, workdir, calib) if b.name == "onnx"]
-
-    spec = ModelSpec(
-        MODEL,
-        gate=gate.GateSettings(latency_calls=20, batch_budget_s=0.01),
-        serving=ServingSpec(cpu_instances=1),
-    )
-    build_model(source, x, spec, root, ("local",), root / "work", echo=False, converter=onnx_only)
-    return root / "local"
+    return build_mlp(root, MODEL, x)
 
 
 def write_paced(repo: Path, delay_ms: float, n_features: int = PACED_FEATURES) -> Path:
