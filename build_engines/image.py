@@ -119,6 +119,17 @@ def build(
     if models.exists() or (out / "trusted_keys").exists():
         raise ConfigError(f"{out} already holds an image repository: give an empty --out")
     key, ephemeral = signing_key_file(signing_key, ephemeral_key_dir)
+    try:
+        return _build(out, key, ephemeral, build_args, settings)
+    finally:  # a failed build leaves no build-only key behind either
+        if ephemeral:
+            key.unlink(missing_ok=True)
+
+
+def _build(
+    out: Path, key: Path, ephemeral: bool, build_args: Sequence[str], settings: list[str]
+) -> int:
+    models = out / "models"
     out.mkdir(parents=True, exist_ok=True)
     trusted = out / "trusted_keys"
     with _environment(**{seal.SIGNING_KEY_ENV: str(key), seal.TRUSTED_KEYS_ENV: str(trusted)}):
@@ -154,8 +165,6 @@ def build(
         else:
             print(f"note: {STACK_ARMS} not all built: engines only, no ensembles", file=sys.stderr)
         verify(models, trusted)
-        if ephemeral:
-            key.unlink()
     return 0
 
 
