@@ -85,11 +85,9 @@ def choose(
     if target == "local":
         ok = [c for c in ok if c.local and c.engine]
     else:
-        ok = [c for c in ok if c.container is not None]
+        cpu_only = target == "container"
+        ok = [c for c in ok if c.container is not None and not (cpu_only and c.container.gpu)]
         gpu = [c for c in ok if c.container is not None and c.container.gpu]
-        if target == "container":
-            ok = [c for c in ok if c not in gpu]
-            gpu = []
         fil = [c for c in ok if c.container is not None and c.container.backend == "fil"]
         ok = gpu or fil or ok
     if not ok:
